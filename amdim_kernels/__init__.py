@@ -1,0 +1,7 @@
+"""amdim-kernels: fused, memory-lean AMDIM / Deep InfoMax contrastive losses for PyTorch."""
+from . import compat
+from .nce import fused_nce_loss
+from .reference import nce_loss_reference
+
+__all__ = ["fused_nce_loss", "nce_loss_reference", "compat"]
+__version__ = "0.1.0"
