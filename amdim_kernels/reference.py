@@ -39,10 +39,10 @@ def nce_loss_reference(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05):
     n = src.shape[0]
     b = trg.shape[0]
     a = raw_scores(src, trg)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(a).all()):
+        _validate.raise_non_finite(src=src, trg=trg)
     lgt_reg = reg_weight * a.square().mean()
     s = soft_clip(a, tclip)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(s).all()):
-        _validate.raise_non_finite(src=src, trg=trg)
     rows = torch.arange(n, device=src.device)
     pos = s[rows, pos_idx]                                            # (N, L)
     if b == 1:   # no negatives: Z = -inf, and the loss term is 0 with zero gradient

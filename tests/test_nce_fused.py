@@ -1,0 +1,130 @@
+"""fused_nce_loss (C++ CPU backend) against the spec reference: loss, lgt_reg and gradients."""
+import itertools
+
+import pytest
+import torch
+
+import amdim_kernels as ak
+
+# (N, B, L, D): nothing a multiple of the 128 x 256 CPU tile, L in {1, 25, 49}, and shapes that
+# cross tile borders in rows (N > 128) and columns (B*L > 256).
+SHAPES = [(1, 1, 1, 3), (7, 7, 25, 13), (19, 23, 49, 37), (131, 131, 1, 5), (150, 11, 25, 70),
+          (5, 3, 49, 300)]
+
+
+def make(n, b, l, d, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    src = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    trg = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    return src, trg
+
+
+def loss_and_grads(fn, src, trg, pos_idx, w_loss=0.7, w_reg=1.3, **kw):
+    loss, reg = fn(src, trg, pos_idx, **kw)
+    g_src, g_trg = torch.autograd.grad(w_loss * loss + w_reg * reg, (src, trg))
+    return loss, reg, g_src, g_trg
+
+
+def assert_matches(fused, ref, rtol, atol):
+    for name, f, r in zip(("loss", "lgt_reg", "grad src", "grad trg"), fused, ref):
+        assert f.dtype == r.dtype, name
+        torch.testing.assert_close(f, r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tclip,reg_weight", [(20.0, 0.05), (10.0, 0.0), (None, 0.05)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(shape, tclip, reg_weight, dtype):
+    n, b, l, d = shape
+    src, trg = make(n, b, l, d, dtype, scale=2.0)   # scores up to ~+-15: the clip matters
+    pos_idx = None if n == b else torch.randint(0, b, (n,), generator=torch.Generator().manual_seed(1))
+    kw = dict(tclip=tclip, reg_weight=reg_weight)
+    fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, **kw)
+    ref = loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, **kw)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    assert_matches(fused, ref, **tol)
+
+
+def test_repeated_pos_idx_dense_variant():
+    # Dense variant: every one of a sample's 25 locations is a source row with the same positives.
+    b, l, d = 9, 25, 31
+    src, trg = make(b * l, b, l, d, torch.float64)
+    pos_idx = torch.arange(b).repeat_interleave(l)
+    fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx)
+    ref = loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx)
+    assert_matches(fused, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_single_sample_has_zero_loss_and_finite_grads():
+    src, trg = make(4, 1, 49, 16, torch.float32)
+    loss, reg, g_src, g_trg = loss_and_grads(ak.fused_nce_loss, src, trg, torch.zeros(4, dtype=torch.long),
+                                             w_reg=0.0)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(g_src) == 0 and torch.count_nonzero(g_trg) == 0
+    assert reg.item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    src, trg = make(33, 33, 25, 40, dtype)
+    loss, reg, g_src, g_trg = loss_and_grads(ak.fused_nce_loss, src, trg, None)
+    assert loss.dtype == reg.dtype == torch.float32
+    assert g_src.dtype == g_trg.dtype == dtype
+    # ground truth: the same (rounded) inputs in float64
+    ref = loss_and_grads(ak.nce_loss_reference, src.detach().double().requires_grad_(),
+                         trg.detach().double().requires_grad_(), None)
+    torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reg.double(), ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_src.double(), ref[2], rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(g_trg.double(), ref[3], rtol=2e-2, atol=1e-5)
+
+
+def test_outputs_are_scalars_and_only_needed_grads_flow():
+    src, trg = make(6, 6, 3, 8, torch.float32)
+    loss, reg = ak.fused_nce_loss(src, trg)
+    assert loss.shape == () and reg.shape == ()
+    (g_src,) = torch.autograd.grad(loss, (src,))   # lgt_reg unused: its gradient is zero
+    ref_loss, _ = ak.nce_loss_reference(src, trg)
+    (r_src,) = torch.autograd.grad(ref_loss, (src,))
+    torch.testing.assert_close(g_src, r_src, rtol=2e-5, atol=2e-6)
+
+
+def test_no_grad_and_non_contiguous_inputs():
+    src, trg = make(12, 12, 5, 20, torch.float32)
+    with torch.no_grad():
+        base = ak.fused_nce_loss(src, trg)
+        src_t = src.t().contiguous().t()                      # same values, column-major
+        trg_nc = trg.transpose(0, 1).contiguous().transpose(0, 1)
+        other = ak.fused_nce_loss(src_t, trg_nc)
+    for x, y in zip(base, other):
+        torch.testing.assert_close(x, y)
+
+
+def test_backends_agree_and_reference_backend_is_the_reference():
+    src, trg = make(10, 10, 4, 6, torch.float64)
+    for backend in ("auto", "cpp", "reference"):
+        out = ak.fused_nce_loss(src, trg, backend=backend)
+        torch.testing.assert_close(out, ak.nce_loss_reference(src, trg), rtol=1e-12, atol=1e-14)
+
+
+def test_memory_is_not_n_by_m():
+    """The op allocates no N x M buffer: its workspace is fixed per thread (checked via the ATen
+    CPU allocator's stats is not possible here, so compare peak RSS growth in a subprocess)."""
+    import subprocess
+    import sys
+    code = r"""
+import resource, torch, amdim_kernels as ak
+torch.manual_seed(0)
+n = b = 1024; l = 49; d = 64            # N x M fp32 = 205 MB
+src = torch.randn(n, d, requires_grad=True); trg = torch.randn(b, l, d, requires_grad=True)
+src.grad = torch.zeros_like(src); trg.grad = torch.zeros_like(trg)
+loss, reg = ak.fused_nce_loss(src[:8], trg[:8]); (loss + reg).backward()   # warm-up: load the op
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss, reg = ak.fused_nce_loss(src, trg); (loss + reg).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    extra = int(out.stdout.strip().splitlines()[-1])
+    n_by_m = 1024 * 1024 * 49 * 4
+    assert extra < n_by_m / 10, f"peak RSS grew by {extra / 2**20:.1f} MiB; N x M is {n_by_m / 2**20:.0f} MiB"
