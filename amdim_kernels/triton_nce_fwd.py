@@ -1,0 +1,274 @@
+"""Triton forward of amdim_kernels::nce_fwd (docs/design.md): the three statistics of the score
+matrix a = src @ trg_flat^T / sqrt(D) without ever storing it.
+
+Two kernels:
+- `_nce_fwd_split_kernel`, grid (row blocks, column splits): each program walks its share of the
+  M = B*L columns in BLOCK_M tiles, forms each BLOCK_N x BLOCK_M tile of `a` with tl.dot over D in
+  BLOCK_D chunks (fp32 accumulation), scatters the positives into `pos`, and keeps per-row partial
+  statistics of its negatives (logsumexp as (max, sum of exp) or a sum of softplus) and of a^2;
+- `_nce_fwd_merge_kernel`, grid (row blocks): merges the per-split partials of each row.
+Splitting the columns matters because N is often a few hundred rows while M is tens of thousands:
+row blocks alone would leave most SMs idle.
+
+The kernels also run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors), which the
+tests use; see `INTERPRET` for what differs there.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Must match how triton.jit decides (it reads the variable when the kernels are decorated).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# GPU tile configs, autotuned per (N, M, D, dtype, reduction, precision). 128-wide tiles for the
+# large problems, 64-wide ones for small N or M, BLOCK_D 32..128 trading pipeline depth against
+# loads per dot; `_prune_configs` drops the ones whose operand buffers cannot fit shared memory.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+]
+# The interpreter rejects autotuning over 2+ configs; small tiles keep it fast on small shapes.
+_INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
+CONFIGS = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS
+
+# Operand staging buffers a config may use (the rest of the 227 KiB of an H100 SM is left for
+# layout conversions in the epilogue); checked against real figures by the sm_90 compile test.
+SMEM_BUDGET = 192 * 1024
+
+# Column splits are chosen to give about this many programs per SM (about 2 waves at 2 resident
+# programs per SM), so that the tail of the last wave is short.
+_PROGRAMS_PER_SM = 4
+# Stand-in SM count for the interpreter, small so that the tests exercise several splits.
+_INTERPRET_SMS = 4
+
+# exp(s - tclip) stays a normal fp32 number for s >= -tclip as long as 2 * tclip < 87, so for
+# clipped scores the logsumexp can use the fixed shift tclip instead of a running row max.
+_MAX_FIXED_SHIFT_TCLIP = 40.0
+
+
+def _smem_bytes(config: triton.Config, elem_size: int) -> int:
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_N"] + k["BLOCK_M"]) * k["BLOCK_D"] * elem_size
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    elem_size = named_args["src_ptr"].element_size()
+    return [c for c in configs if _smem_bytes(c, elem_size) <= SMEM_BUDGET]
+
+
+@triton.jit
+def _tanh(x):
+    # No tl.tanh and no libdevice under the interpreter. (1 - e) / (1 + e) with e = exp(-2|x|)
+    # loses relative precision near 0, where the odd Taylor series (error < 6e-8 relative for
+    # |x| < 0.3) takes over; scores a / tclip mostly lie there.
+    ax = tl.abs(x)
+    x2 = x * x
+    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    e = tl.exp(-2.0 * ax)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(ax < 0.3, poly, tl.where(x < 0, -t, t))
+
+
+@triton.jit
+def _softplus(x):
+    # max(x, 0) + log1p(exp(-|x|)); log1p(z) = log(u) * z / (u - 1) with u = 1 + z is accurate
+    # to a few ulp (Goldberg) where log(1 + z) alone would lose all of z's digits.
+    z = tl.exp(-tl.abs(x))
+    u = 1.0 + z
+    log1p_z = tl.where(u == 1.0, z, tl.log(u) * z / (u - 1.0))
+    return tl.maximum(x, 0.0) + log1p_z
+
+
+@triton.autotune(configs=CONFIGS, key=["N", "M", "D", "NEG_LSE", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _nce_fwd_split_kernel(
+    src_ptr, trg_ptr, pos_idx_ptr,            # (N, D), (M, D) row-major; (N,) int64
+    pos_ptr,                                  # (N, L) fp32 out
+    part_max_ptr, part_acc_ptr, part_sq_ptr,  # (N, S) fp32 out: per-split row partials
+    N, M, D, L, cols_per_split, num_splits,
+    scale, tclip, inv_tclip,
+    CLIP: tl.constexpr,              # soft-clip the scores (tclip is not None)
+    NEG_LSE: tl.constexpr,           # "logsumexp" (else "softplus_sum")
+    FIXED_SHIFT: tl.constexpr,       # logsumexp shifted by tclip instead of a running max
+    INPUT_PRECISION: tl.constexpr,   # "ieee" or "tf32" (only matters for fp32 inputs)
+    UPCAST: tl.constexpr,            # interpreter: its bf16 tl.dot is wrong, so dot in fp32
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # -1 on padded rows: never equal to a sample index, so they have no positives.
+    pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
+    # Range of positive samples in this row block: tiles outside it skip the positive scatter.
+    p_lo = tl.min(tl.where(row_ok, pidx, M))
+    p_hi = tl.max(pidx)
+    src_rows = src_ptr + rows.to(tl.int64)[:, None] * D
+
+    m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    acc_i = tl.zeros((BLOCK_N,), tl.float32)
+    sq_i = tl.zeros((BLOCK_N,), tl.float32)
+    col_begin = pid_s * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, M)
+    for start in range(col_begin, col_end, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        col_ok = cols < col_end
+        trg_cols = trg_ptr + cols.to(tl.int64)[None, :] * D
+        a = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            k_ok = ks < D
+            x = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.load(trg_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                y = y.to(tl.float32)
+            a = tl.dot(x, y, a, input_precision=INPUT_PRECISION)
+        a = a * scale
+        # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
+        sq_i += tl.sum(a * a, axis=1)
+        if CLIP:
+            s = tclip * _tanh(a * inv_tclip)
+        else:
+            s = a
+        sample = cols // L
+        is_pos = sample[None, :] == pidx[:, None]
+        b_lo = start // L
+        b_hi = (tl.minimum(start + BLOCK_M, col_end) - 1) // L
+        if (b_lo <= p_hi) & (b_hi >= p_lo):
+            loc = cols - sample * L
+            tl.store(pos_ptr + rows[:, None] * L + loc[None, :], s,
+                     mask=is_pos & col_ok[None, :])
+        neg = (~is_pos) & col_ok[None, :]
+        if NEG_LSE:
+            if FIXED_SHIFT:
+                acc_i += tl.sum(tl.where(neg, tl.exp(s - tclip), 0.0), axis=1)
+            else:
+                m_new = tl.maximum(m_i, tl.max(tl.where(neg, s, float("-inf")), axis=1))
+                # A row with no negative seen yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                acc_i = acc_i * tl.exp(m_i - m_safe) + tl.sum(
+                    tl.where(neg, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
+                m_i = m_new
+        else:
+            acc_i += tl.sum(tl.where(neg, _softplus(s), 0.0), axis=1)
+
+    out = rows * num_splits + pid_s
+    tl.store(part_acc_ptr + out, acc_i, mask=row_ok)
+    tl.store(part_sq_ptr + out, sq_i, mask=row_ok)
+    if NEG_LSE:
+        if FIXED_SHIFT:
+            m_i = tl.zeros((BLOCK_N,), tl.float32) + tclip
+        tl.store(part_max_ptr + out, m_i, mask=row_ok)
+
+
+@triton.jit
+def _nce_fwd_merge_kernel(
+    part_max_ptr, part_acc_ptr, part_sq_ptr,  # (N, S) fp32
+    neg_stat_ptr, row_sq_ptr,                 # (N,) fp32 out
+    N, S,
+    NEG_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    splits = tl.arange(0, BLOCK_S)
+    mask = row_ok[:, None] & (splits < S)[None, :]
+    offs = rows[:, None] * S + splits[None, :]
+    acc = tl.load(part_acc_ptr + offs, mask=mask, other=0.0)
+    tl.store(row_sq_ptr + rows, tl.sum(tl.load(part_sq_ptr + offs, mask=mask, other=0.0), axis=1),
+             mask=row_ok)
+    if NEG_LSE:
+        mx = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))
+        m = tl.max(mx, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.sum(acc * tl.exp(mx - m_safe[:, None]), axis=1)
+        # total == 0 (no negatives, B == 1) gives log(0) = -inf, the defined result.
+        tl.store(neg_stat_ptr + rows, m_safe + tl.log(total), mask=row_ok)
+    else:
+        tl.store(neg_stat_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+
+
+def split_columns(n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(number of column splits, columns per split) for an N x M score matrix.
+
+    Aims at _PROGRAMS_PER_SM programs per SM counting row blocks of the largest BLOCK_N, with
+    every split a whole number of tiles for every config (so no config wastes a partial tile
+    per split) and no split empty.
+    """
+    block_n = max(c.kwargs["BLOCK_N"] for c in CONFIGS)
+    granule = max(c.kwargs["BLOCK_M"] for c in CONFIGS)
+    sms = _INTERPRET_SMS if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, triton.cdiv(n, block_n))
+    splits = max(1, min(wanted, triton.cdiv(m, granule)))
+    cols = triton.cdiv(triton.cdiv(m, splits), granule) * granule
+    return triton.cdiv(m, cols), cols
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
+                   tclip: float | None, neg_reduction: str):
+    """(pos (N, L), neg_stat (N,), sumsq 0-dim), float32, exactly as docs/design.md's
+    amdim_kernels::nce_fwd. Inputs are assumed validated by the op (pos_idx in [0, B): an index
+    out of range would leave entries of `pos` unwritten). float64 is not supported here.
+    """
+    if src.dtype not in (torch.float16, torch.bfloat16, torch.float32) or trg.dtype != src.dtype:
+        raise TypeError(f"the Triton nce_fwd takes float16, bfloat16 or float32 src and trg of one "
+                        f"dtype, got src {src.dtype} and trg {trg.dtype}")
+    if neg_reduction not in ("logsumexp", "softplus_sum"):
+        raise ValueError(f"neg_reduction must be 'logsumexp' or 'softplus_sum', got {neg_reduction!r}")
+    if not (src.is_contiguous() and trg.is_contiguous() and pos_idx.is_contiguous()):
+        raise ValueError("the Triton nce_fwd needs contiguous src, trg and pos_idx")
+    if pos_idx.dtype != torch.int64:
+        raise TypeError(f"pos_idx must be int64, got {pos_idx.dtype}")
+    if not INTERPRET and src.device.type != "cuda":
+        raise ValueError(f"the Triton nce_fwd runs on CUDA tensors (or under TRITON_INTERPRET=1), "
+                         f"got tensors on {src.device}")
+    n, d = src.shape
+    b, l, _ = trg.shape
+    m = b * l
+    dev = src.device
+    neg_lse = neg_reduction == "logsumexp"
+    splits, cols_per_split = split_columns(n, m, dev)
+
+    pos = torch.empty((n, l), dtype=torch.float32, device=dev)
+    part_acc = torch.empty((n, splits), dtype=torch.float32, device=dev)
+    part_sq = torch.empty_like(part_acc)
+    part_max = torch.empty_like(part_acc) if neg_lse else part_acc  # unread without NEG_LSE
+    neg_stat = torch.empty((n,), dtype=torch.float32, device=dev)
+    row_sq = torch.empty_like(neg_stat)
+
+    block_s = max(16, triton.next_power_of_2(splits))
+    block_r = max(1, 2048 // block_s)
+    guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _nce_fwd_split_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
+            src, trg, pos_idx, pos, part_max, part_acc, part_sq,
+            n, m, d, l, cols_per_split, splits,
+            1.0 / math.sqrt(d), 1.0 if tclip is None else float(tclip),
+            1.0 if tclip is None else 1.0 / tclip,
+            CLIP=tclip is not None, NEG_LSE=neg_lse,
+            FIXED_SHIFT=neg_lse and tclip is not None and tclip <= _MAX_FIXED_SHIFT_TCLIP,
+            INPUT_PRECISION=_input_precision(src.dtype), UPCAST=INTERPRET,
+        )
+        _nce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
+            part_max, part_acc, part_sq, neg_stat, row_sq, n, splits,
+            NEG_LSE=neg_lse, BLOCK_R=block_r, BLOCK_S=block_s,
+        )
+    return pos, neg_stat, row_sq.sum()
