@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from . import _validate
 from .reference import nce_loss_reference
 
-BACKENDS = ("auto", "cpp", "reference")
+BACKENDS = ("auto", "cpp", "triton", "reference")
+_FUSED_DEVICE = {"cpp": "cpu", "triton": "cuda"}   # where each fused backend runs
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -15,11 +16,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cpu":
-            return "cpp"
-        raise ValueError(f"no fused backend for {device.type} tensors yet; pass backend='reference'")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+        fused = [name for name, dev in _FUSED_DEVICE.items() if dev == device.type]
+        if not fused:
+            raise ValueError(f"no fused backend runs on {device.type} tensors; "
+                             f"pass backend='reference'")
+        backend = fused[0]
+    if backend in _FUSED_DEVICE and device.type != _FUSED_DEVICE[backend]:
+        raise ValueError(f"backend={backend!r} runs on {_FUSED_DEVICE[backend]} tensors, "
+                         f"got tensors on {device}")
+    if backend == "triton":
+        from . import ops
+        if not ops.HAS_TRITON_CUDA:
+            raise ValueError(f"backend='triton' is unavailable: {ops.TRITON_CUDA_MISSING}")
     return backend
 
 

@@ -47,3 +47,21 @@ def _backward(ctx, grad_pos, grad_neg_stat, grad_sumsq):
 
 
 torch.library.register_autograd("amdim_kernels::nce_fwd", _backward, setup_context=_setup_context)
+
+
+def _register_triton_cuda() -> str | None:
+    """Make the Triton forward the CUDA kernel of nce_fwd; return why not, or None on success."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _extension.cuda_buildable():
+        return "the CUDA gradient kernel cannot be built (torch without CUDA, or no nvcc/CUDA_HOME)"
+    try:
+        from .triton_nce_fwd import nce_fwd_triton
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    torch.library.register_kernel("amdim_kernels::nce_fwd", "cuda", nce_fwd_triton)
+    return None
+
+
+TRITON_CUDA_MISSING = _register_triton_cuda()
+HAS_TRITON_CUDA = TRITON_CUDA_MISSING is None

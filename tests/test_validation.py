@@ -61,3 +61,9 @@ def test_cpp_backend_rejects_non_cpu_tensors():
     src, trg = ok()
     with pytest.raises(ValueError, match="cpp"):
         ak.fused_nce_loss(src.to("meta"), trg.to("meta"), backend="cpp")
+
+
+def test_triton_backend_needs_cuda_tensors():
+    src, trg = ok()
+    with pytest.raises(ValueError, match="triton.*cuda"):
+        ak.fused_nce_loss(src, trg, backend="triton")
