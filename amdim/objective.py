@@ -1,0 +1,93 @@
+"""The multiscale AMDIM objective (shared/spec/losses.md, section 2) over amdim_kernels' NCE op.
+
+Distributed training: every rank's sources (its local rows) are scored against the targets of the
+GLOBAL batch, gathered with their gradient (amdim.distributed.gather_rows); row i of rank r has
+its positives at global sample r * local_batch + i. With DDP averaging the parameter gradients,
+the result equals single-process training on the global batch.
+"""
+from __future__ import annotations
+
+import torch
+
+import amdim_kernels as ak
+
+from .distributed import gather_rows, world_info
+
+COSTS = ("1t5", "1t7", "5t5", "5t7", "7t7")
+DEFAULT_COSTS = ("1t5", "1t7", "5t5")
+LOSS_BACKENDS = ("reference", "fused")
+
+
+def nce_fn(loss_backend: str, tclip: float | None, reg_weight: float):
+    """Return f(src, trg, pos_idx) -> (loss, lgt_reg) through the public API of amdim_kernels:
+    "reference" is the plain PyTorch loss, "fused" the kernels chosen for the tensors' device."""
+    if loss_backend not in LOSS_BACKENDS:
+        raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {loss_backend!r}")
+    backend = "reference" if loss_backend == "reference" else "auto"
+    return lambda s, t, p: ak.fused_nce_loss(s, t, p, tclip=tclip, reg_weight=reg_weight, backend=backend)
+
+
+def parse_costs(spec: str) -> tuple[str, ...]:
+    """'1t5,1t7,5t5' -> ('1t5', '1t7', '5t5'); each name at most once."""
+    names = tuple(c.strip() for c in spec.split(",") if c.strip())
+    bad = [c for c in names if c not in COSTS]
+    if not names or bad or len(set(names)) != len(names):
+        raise ValueError(f"costs must be a comma-separated list of distinct names from {COSTS}, got {spec!r}")
+    return names
+
+
+def as_targets(r: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) feature map -> (B, h*w, D) targets, contiguous for the kernels."""
+    return r.flatten(2).transpose(1, 2).contiguous()
+
+
+class MultiscaleNCE:
+    """total = sum of the selected costs (each averaged over both directions) + mean lgt_reg.
+
+    `dense` uses every location of a 5x5 / 7x7 source map (N = B*25 or B*49 rows); otherwise one
+    location per image is drawn uniformly from `generator`, which must be seeded the same on every
+    rank: locations are drawn for the global batch and each rank takes its slice, so a K-rank run
+    draws exactly what a 1-rank run on the global batch draws.
+    """
+
+    def __init__(self, nce, costs=DEFAULT_COSTS, dense=False):
+        self.nce, self.costs, self.dense = nce, tuple(costs), dense
+
+    def _sources(self, r, scale, rank, world, generator):
+        b, d = r.shape[:2]
+        if scale == 1:
+            return r.flatten(1), torch.arange(b, device=r.device)
+        flat = as_targets(r)                                        # (b, L, D)
+        ell = flat.shape[1]
+        if self.dense:
+            return flat.reshape(b * ell, d), torch.arange(b, device=r.device).repeat_interleave(ell)
+        loc = torch.randint(ell, (b * world,), generator=generator, device=generator.device)
+        loc = loc[rank * b:(rank + 1) * b].to(r.device)
+        return flat[torch.arange(b, device=r.device), loc], torch.arange(b, device=r.device)
+
+    def __call__(self, feats1, feats2, generator):
+        """feats1/feats2: (r1, r5, r7) of view 1 / view 2 for this rank's rows.
+
+        Returns (total, parts) where parts maps each cost name and 'lgt_reg' to a detached scalar.
+        """
+        rank, world = world_info()
+        by_scale = ({1: feats1[0], 5: feats1[1], 7: feats1[2]}, {1: feats2[0], 5: feats2[1], 7: feats2[2]})
+        targets = {}   # (view, scale) -> gathered (B_global, L, D); reused across costs
+        parts, regs, total = {}, [], 0.0
+        for cost in self.costs:
+            s_scale, t_scale = int(cost[0]), int(cost[2])
+            cost_loss = 0.0
+            for src_view, trg_view in ((0, 1), (1, 0)):
+                src, row_sample = self._sources(by_scale[src_view][s_scale], s_scale, rank, world, generator)
+                key = (trg_view, t_scale)
+                if key not in targets:
+                    targets[key] = gather_rows(as_targets(by_scale[trg_view][t_scale]))
+                b_local = by_scale[src_view][s_scale].shape[0]
+                loss, reg = self.nce(src, targets[key], row_sample + rank * b_local)
+                cost_loss = cost_loss + 0.5 * loss
+                regs.append(reg)
+            parts[cost] = cost_loss.detach()
+            total = total + cost_loss
+        lgt_reg = torch.stack(regs).mean()
+        parts["lgt_reg"] = lgt_reg.detach()
+        return total + lgt_reg, parts
