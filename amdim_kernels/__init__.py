@@ -1,7 +1,8 @@
 """amdim-kernels: fused, memory-lean AMDIM / Deep InfoMax contrastive losses for PyTorch."""
 from . import compat
-from .nce import fused_nce_loss
-from .reference import nce_loss_reference
+from .nce import fused_mixture_nce_loss, fused_nce_loss
+from .reference import mixture_nce_loss_reference, nce_loss_reference
 
-__all__ = ["fused_nce_loss", "nce_loss_reference", "compat"]
+__all__ = ["fused_nce_loss", "nce_loss_reference", "fused_mixture_nce_loss",
+           "mixture_nce_loss_reference", "compat"]
 __version__ = "0.1.0"
