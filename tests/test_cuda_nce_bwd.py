@@ -20,6 +20,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 NVCC_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--use_fast_math"]
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 REDUCTIONS = ("logsumexp", "softplus_sum")
+DEVICE = "cuda"
 
 
 def run_nvcc(args):
@@ -150,3 +151,101 @@ def test_tile_math_on_host(host_tile, case, neg_reduction, tclip, storage):
     assert torch.isfinite(out).all()
     rtol = {torch.float32: 2e-6, torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[storage]
     torch.testing.assert_close(out.double(), want, rtol=rtol, atol=1e-6 * want.abs().max().item())
+
+
+# ---- the op on a GPU ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nce_bwd():
+    from amdim_kernels import ops
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("amdim_kernels::nce_bwd", "CUDA"), \
+        "amdim_kernels::nce_bwd has no CUDA kernel: the extension was built without csrc/cuda"
+    return ops.nce_bwd
+
+
+def input_grads(src, trg, pos_idx, tclip, neg_reduction, grads):
+    """d <grads, (pos, neg_stat, sumsq)> / d (src, trg) by autograd of the plain composition: exact
+    for float64 leaves, and the plain torch result for lower precision (fp32 scores, as
+    reference.raw_scores accumulates them)."""
+    src, trg = src.detach().requires_grad_(), trg.detach().requires_grad_()
+    stats = statistics(raw_scores(src, trg), pos_idx, tclip, neg_reduction)
+    return torch.autograd.grad(weighted(stats, grads), (src, trg))
+
+
+def rel_err(x, truth):
+    return ((x.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+GPU_SHAPES = [  # (N, B, L, D, random pos_idx?)
+    (5, 5, 3, 7, False),
+    (13, 6, 5, 33, True),         # repeated pos_idx
+    (4, 1, 49, 8, True),          # B == 1: no negatives
+    (40, 40, 49, 64, False),
+    (300, 600, 49, 40, True),     # M = 29400: two column tiles in every dtype
+    (70000, 3, 100, 16, True),    # N above one row tile: two row tiles, three column tiles
+]
+# Allowed error beyond twice that of plain torch in the same dtype (relative to max |grad|).
+TOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("neg_reduction", REDUCTIONS)
+@pytest.mark.parametrize("tclip", [20.0, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_float64_autograd(nce_bwd, shape, neg_reduction, tclip, dtype):
+    n, b, l, d, random_pos = shape
+    src64, trg64, pos_idx, grads = problem(n, b, l, d, seed=n + b,
+                                           pos_idx=None if random_pos else torch.arange(n))
+    dev = torch.device(DEVICE)
+    src, trg = src64.to(dev, dtype), trg64.to(dev, dtype)
+    pos_idx, grads = pos_idx.to(dev), [g.to(dev) for g in grads]
+    truth = input_grads(src.double(), trg.double(), pos_idx, tclip, neg_reduction, grads)
+    plain = input_grads(src, trg, pos_idx, tclip, neg_reduction, grads)
+    with torch.no_grad():
+        neg_stat = statistics(raw_scores(src.double(), trg.double()), pos_idx, tclip,
+                              neg_reduction)[1]
+    args = ([g.float() for g in grads] + [src, trg, pos_idx, neg_stat.float()]
+            + [tclip, neg_reduction])
+    ours = nce_bwd(*args)
+    for name, o, p, t in zip(("grad_src", "grad_trg"), ours, plain, truth):
+        assert o.dtype == dtype and o.shape == t.shape, name
+        assert torch.isfinite(o).all(), name
+        assert rel_err(o, t) <= 2 * rel_err(p, t) + TOL[dtype], \
+            f"{name}: error {rel_err(o, t):.3g}, plain torch {rel_err(p, t):.3g}"
+    if dtype == torch.float32:   # the same op's CPU kernel
+        cpu = nce_bwd(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in args])
+        for name, o, c in zip(("grad_src", "grad_trg"), ours, cpu):
+            assert rel_err(o.cpu(), c.double()) <= 1e-5, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extra_memory_is_bounded(nce_bwd, dtype):
+    n, l, d = 1024, 49, 256                  # the N x M fp32 score matrix alone would be 196 MiB
+    dev = torch.device("cuda")
+    src = torch.randn(n, d, device=dev).to(dtype)
+    trg = torch.randn(n, l, d, device=dev).to(dtype)
+    args = (torch.randn(n, l, device=dev) / (n * l), torch.rand(n, device=dev) / n,
+            torch.tensor(1e-3, device=dev), src, trg, torch.arange(n, device=dev),
+            torch.full((n,), 30.0, device=dev), 20.0, "logsumexp")
+    nce_bwd(*args)                           # warm-up: cuBLAS workspace, allocator pools
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grad_src, grad_trg = nce_bwd(*args)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - grad_src.nbytes - grad_trg.nbytes
+    assert extra < 64 << 20, f"{extra / 2**20:.1f} MiB beyond the inputs and the gradients"
+
+
+@pytest.mark.gpu
+def test_rejects_float64_on_cuda(nce_bwd):
+    n, b, l, d = 3, 2, 4, 5
+    dev = torch.device("cuda")
+    args = (torch.zeros(n, l, device=dev), torch.zeros(n, device=dev), torch.zeros((), device=dev),
+            torch.randn(n, d, device=dev, dtype=torch.float64),
+            torch.randn(b, l, d, device=dev, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, device=dev), None,
+            "logsumexp")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        nce_bwd(*args)
