@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -31,8 +32,22 @@ static_assert(TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERS
 namespace amdim_kernels {
 namespace {
 
-// Scratch per tile: fp32 dots, plus the g tile when it is not fp32 (fp32 g overwrites the dots).
-constexpr int64_t kTileBytes = int64_t{32} << 20;
+// Scratch per tile (fp32 dots, plus the g tile when it is not fp32: fp32 g overwrites the dots):
+// 32 MiB by default; AMDIM_NCE_BWD_TILE_MIB overrides it for the tuning sweep of
+// benchmarks/cuda_bwd_notes.md (tiles that stay in L2 against fewer passes over the accumulator).
+int64_t tile_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("AMDIM_NCE_BWD_TILE_MIB");
+    const int64_t mib = env == nullptr ? 32 : std::atoll(env);
+    TORCH_CHECK(mib >= 1 && mib <= 4096, "AMDIM_NCE_BWD_TILE_MIB must be in [1, 4096], got '",
+                env, "'");
+    return mib << 20;
+  }();
+  return bytes;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Tiles keep at least this many columns (GEMM efficiency) and are cut at multiples of it.
 constexpr int64_t kColQuantum = 128;
 // fp16 g is scaled so that its largest possible magnitude lands at 2^14 (fp16 max ~2^16): the
@@ -126,12 +141,15 @@ std::tuple<at::Tensor, at::Tensor> nce_bwd_cuda(const at::Tensor& grad_pos,
   const float p2 = dt == at::kHalf ? half_g_scale(gp, gn, gs, src, trg_flat, inv_sqrt_d) : 1.0f;
   const double alpha = 1.0 / p2;  // undoes the fp16 power of two inside the products
 
-  // Tile shape: as many rows as fit beside kColQuantum columns, then as many columns as fit.
-  const int64_t tile_elems = kTileBytes / (g_is_f32 ? 4 : 4 + 2);
-  const int64_t rows = std::min(n, tile_elems / kColQuantum);
-  const int64_t cols =
-      std::min(m, std::max(kColQuantum, tile_elems / rows / kColQuantum * kColQuantum));
-  const bool one_row_tile = rows == n;
+  // Tile shape: as many rows as fit beside kColQuantum columns, then as many columns as fit; the
+  // tile counts so found are then spread evenly (no sliver of a last tile).
+  const int64_t tile_elems = tile_bytes() / (g_is_f32 ? 4 : 4 + 2);
+  const int64_t row_tiles = ceil_div(n, std::max<int64_t>(1, tile_elems / kColQuantum));
+  const int64_t rows = ceil_div(n, row_tiles);
+  const int64_t max_cols = std::max(kColQuantum, tile_elems / rows / kColQuantum * kColQuantum);
+  const int64_t cols = std::min(m, ceil_div(ceil_div(m, ceil_div(m, max_cols)), kColQuantum) *
+                                       kColQuantum);
+  const bool one_row_tile = row_tiles == 1;
 
   at::Tensor grad_src = at::empty_like(src);
   at::Tensor grad_trg = at::empty_like(trg_in, at::MemoryFormat::Contiguous);
