@@ -110,8 +110,10 @@ void check_cuda_inputs(const at::Tensor& grad_pos, const at::Tensor& grad_neg_st
     TORCH_CHECK(t->device() == src.device(), "every nce_bwd tensor must be on ", src.device(),
                 ", got one on ", t->device());
   }
-  TORCH_CHECK(!tclip.has_value() || (*tclip > 0.0 && std::isfinite(*tclip)),
-              "tclip must be a positive finite float or None");
+  // Checked as the float the kernel gets: a tiny positive double must not round to "no clip".
+  TORCH_CHECK(!tclip.has_value() ||
+                  (static_cast<float>(*tclip) > 0.0f && std::isfinite(static_cast<float>(*tclip))),
+              "tclip must be a positive finite float32 value or None, got ", tclip.value_or(0.0));
 }
 
 std::tuple<at::Tensor, at::Tensor> nce_bwd_cuda(const at::Tensor& grad_pos,
