@@ -54,10 +54,10 @@ def positives_and_lse_neg(s, pos_idx):
     return pos, lse_neg
 
 
-def checked_scores(src, trg):
+def checked_scores(src, trg, src_name="src"):
     a = raw_scores(src, trg)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(a).all()):
-        _validate.raise_non_finite(src=src, trg=trg)
+        _validate.raise_non_finite(**{src_name: src}, trg=trg)
     return a
 
 
@@ -137,15 +137,16 @@ def mixture_nce_loss_reference(src_mix, trg, pos_idx=None, *, tau=1.0, alpha=Non
     """
     pos_idx, alpha = check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip,
                                           reg_weight)
-    nce, sq = [], []
-    for j in range(src_mix.shape[1]):
-        a = checked_scores(src_mix[:, j], trg)
-        sq.append(a.square().mean())
-        pos, lse_neg = positives_and_lse_neg(soft_clip(a, tclip), pos_idx)
-        nce.append(-F.softplus(lse_neg[:, None] - pos))
+    n, k, d = src_mix.shape
+    a = checked_scores(src_mix.reshape(n * k, d), trg, "src_mix").view(n, k, *trg.shape[:2])
+    nce = []
+    for j in range(k):
+        pos, lse_neg = positives_and_lse_neg(soft_clip(a[:, j], tclip), pos_idx)
+        # spec section 1, step 6, first form (exact, where F.softplus returns x for x > 20)
+        nce.append(pos - torch.logaddexp(pos, lse_neg[:, None]))
     nce = torch.stack(nce, dim=1)                                     # (N, k, L)
     logits = tau * (nce.detach() if detach_q else nce)
     q, log_q = logits.softmax(dim=1), logits.log_softmax(dim=1)
     entropy = -(q * log_q).sum(dim=1)
     objective = (q * nce).sum(dim=1) + alpha * entropy
-    return -objective.mean(), reg_weight * torch.stack(sq).mean()
+    return -objective.mean(), reg_weight * a.square().mean()

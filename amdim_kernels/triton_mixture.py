@@ -32,9 +32,10 @@ def _component_log_probs(pos_ptr, z, row, ls, js, j_ok, K, L, tau):
     mask = j_ok[:, None] & (ls < L)[None, :]
     p = tl.load(pos_ptr + row * K * L + js[:, None] * L + ls[None, :], mask=mask, other=0.0)
     nce = -_softplus(z[:, None] - p)            # 0 when Z = -inf (B == 1: no negatives)
-    t = tl.where(j_ok[:, None], tau * nce, float("-inf"))
-    m = tl.max(t, axis=0)                       # finite: component 0 always exists
-    log_q = t - (m + tl.log(tl.sum(tl.exp(t - m[None, :]), axis=0)))[None, :]
+    # Shift by the max nce before scaling by tau, as the C++ kernel does (k = 1 gives q = 1).
+    m = tl.max(tl.where(j_ok[:, None], nce, float("-inf")), axis=0)   # finite: k >= 1
+    t = tl.where(j_ok[:, None], tau * (nce - m[None, :]), float("-inf"))
+    log_q = t - tl.log(tl.sum(tl.exp(t), axis=0))[None, :]
     return p, nce, log_q, mask
 
 

@@ -35,17 +35,20 @@ struct Position {
   std::vector<T> nce, log_q, q;
   explicit Position(int64_t k) : nce(k), log_q(k), q(k) {}
 
+  // log q_j = tau * (nce_j - max nce) - log sum_m exp(tau * (nce_m - max nce)): shifting before
+  // scaling by tau keeps the largest q's logit exactly 0 (no rounding of tau * nce, which FMA
+  // contraction would otherwise leave in), so k = 1 gives q = 1 exactly.
   void compute(const T* pos, const T* neg_stat, int64_t k, int64_t L, T tau) {
     T m = -std::numeric_limits<T>::infinity();
     for (int64_t j = 0; j < k; ++j) {
       nce[j] = -softplus(neg_stat[j] - pos[j * L]);
-      m = std::max(m, tau * nce[j]);
+      m = std::max(m, nce[j]);
     }
     T sum = 0;
-    for (int64_t j = 0; j < k; ++j) sum += std::exp(tau * nce[j] - m);
-    const T lse = m + std::log(sum);
+    for (int64_t j = 0; j < k; ++j) sum += std::exp(tau * (nce[j] - m));
+    const T log_sum = std::log(sum);
     for (int64_t j = 0; j < k; ++j) {
-      log_q[j] = tau * nce[j] - lse;
+      log_q[j] = tau * (nce[j] - m) - log_sum;
       q[j] = std::exp(log_q[j]);
     }
   }
