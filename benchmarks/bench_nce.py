@@ -1,0 +1,634 @@
+"""Benchmark of the AMDIM NCE loss: eager reference, torch.compile of it, the fused op, and the
+three matrix products that no exact method can avoid, measured in the same run.
+
+    python benchmarks/bench_nce.py                                   # CPU, default shapes
+    python benchmarks/bench_nce.py --device cuda                     # S1, S2 in bf16
+    python benchmarks/bench_nce.py --device cuda --sweep --variants fused products
+    python benchmarks/bench_nce.py --quick                           # smoke run, tiny shape
+
+Shapes are N x B x L x D (src N x D, trg B x L x D, M = B*L score columns). Each loss variant is
+timed in two modes: "fwd" (the training forward: inputs require grad, so the variant saves what its
+backward needs) and "fwd+bwd" (forward, then backward of loss + lgt_reg). Times are the median of
+--repeats calls after --warmup calls; "first call" is the call before the warm-up, which holds
+torch.compile's compile time (and the C++ extension's build on its first use ever). CPU calls are
+timed with perf_counter, CUDA calls with CUDA events around each call.
+
+"products" times torch.mm into preallocated outputs, in the inputs' dtype, on random data:
+src @ trg^T (N x D @ D x M), g @ trg (N x M @ M x D) and g^T @ src (M x N @ N x D). The first is
+the floor of a forward, their sum the floor of forward + backward.
+
+Peak extra memory = the most memory the call holds beyond what was live before it, minus the
+gradients of src and trg (a training step must hold those anyway); the inputs are excluded too.
+- CPU: every (variant, shape, dtype, mode) is timed in one fresh subprocess (glibc malloc as
+  usual) and its memory measured in another. The memory child first sets glibc's mmap threshold to
+  64 KiB, so every tensor buffer is its own mapping, counted in RSS once written and returned to
+  the OS when freed (freed heap chunks would otherwise stay resident and inflate the peak by a
+  varying amount). After warm-up (which pays one-time costs: compile, thread pools, BLAS buffers)
+  it trims the heap, resets the kernel's peak-RSS counter (writes "5" to /proc/self/clear_refs),
+  reads VmRSS as the baseline, runs the forward and reads VmHWM; resets the counter, runs the
+  backward and reads VmHWM again: extra = max(forward peak - baseline, backward peak - baseline
+  - gradient bytes), the smaller over two such calls.
+- CUDA: the same with torch.cuda.reset_peak_memory_stats(), memory_allocated() as the baseline
+  (it holds the inputs) and max_memory_allocated() as the peak. Cases run in one process (--isolate for
+  one subprocess each); a case that runs out of memory is recorded as "OOM".
+
+Writes JSON (environment, settings, every measurement, ratios, target checks) and a markdown table
+with the same basename to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # measure the checkout this script lives in, not an installed copy
+
+VARIANTS = ("reference", "compiled", "fused", "products")
+LOSS_MODES = ("fwd", "fwd+bwd")
+PRODUCTS = ("src@trg^T", "g@trg", "g^T@src")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+DEFAULT_SHAPES = {"cpu": ["128x128x49x256", "256x256x49x256", "256x256x25x1024"],
+                  "cuda": ["512x512x49x2048", "4096x4096x49x1024"]}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+QUICK_SHAPE = "16x16x9x32"
+SWEEP = dict(nb=[128, 256, 512, 1024, 2048, 4096, 8192], l=[25, 49], d=[256, 1024, 2048],
+             dtypes=["bfloat16", "float16", "float32"])
+MIB = 2 ** 20
+RESULT_TAG = "BENCH_NCE_RESULT:"
+
+# (device, shape, dtype, name, ratio key, comparison, limit): the issue's acceptance targets.
+S_CPU, S1, S2 = (256, 256, 49, 256), (512, 512, 49, 2048), (4096, 4096, 49, 1024)
+TARGETS = [
+    ("cpu", S_CPU, "float32", "fwd+bwd speedup vs reference", "speedup_fwdbwd_vs_reference", ">=", 2.5),
+    ("cpu", S_CPU, "float32", "fwd+bwd / three products", "fused_fwdbwd_over_3mm", "<=", 1.5),
+    ("cpu", S_CPU, "float32", "peak extra fwd+bwd / reference's", "mem_fwdbwd_fused_over_reference", "<=", 0.1),
+    ("cuda", S1, "bfloat16", "fwd / product", "fused_fwd_over_mm", "<=", 1.5),
+    ("cuda", S2, "bfloat16", "fwd / product", "fused_fwd_over_mm", "<=", 1.5),
+    ("cuda", S1, "bfloat16", "fwd+bwd / product", "fused_fwdbwd_over_mm", "<=", 5.0),
+    ("cuda", S2, "bfloat16", "fwd+bwd / product", "fused_fwdbwd_over_mm", "<=", 5.0),
+    ("cuda", S2, "bfloat16", "peak extra fwd+bwd MiB", "fused_peak_extra_fwdbwd_mib", "<=", 64.0),
+    ("cuda", S1, "bfloat16", "fwd+bwd speedup vs reference", "speedup_fwdbwd_vs_reference", ">=", 3.0),
+    ("cuda", S1, "bfloat16", "fwd+bwd speedup vs compiled", "speedup_fwdbwd_vs_compiled", ">=", 1.5),
+]
+
+
+# ----------------------------------------------------------------------------- measuring one case
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"shape must be NxBxLxD with positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def make_inputs(shape, dtype, device, requires_grad):
+    n, b, l, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    src = torch.randn(n, d, generator=gen, device=device, dtype=dtype).requires_grad_(requires_grad)
+    trg = torch.randn(b, l, d, generator=gen, device=device, dtype=dtype).requires_grad_(requires_grad)
+    pos_idx = None if n == b else torch.arange(n, device=device) % b
+    return src, trg, pos_idx
+
+
+def loss_function(variant: str, fused_backend: str):
+    from amdim_kernels.reference import nce_loss_reference
+    if variant == "reference":
+        return nce_loss_reference
+    if variant == "compiled":
+        # dynamic=False: one specialised graph per shape, as a user with a fixed batch would get.
+        return torch.compile(nce_loss_reference, dynamic=False)
+    try:
+        from amdim_kernels import fused_nce_loss
+    except ImportError as exc:
+        raise RuntimeError(f"fused variant unavailable: cannot import amdim_kernels.fused_nce_loss ({exc})")
+    return lambda src, trg, pos_idx, **kw: fused_nce_loss(src, trg, pos_idx, backend=fused_backend, **kw)
+
+
+class Clock:
+    """Times one call: perf_counter on CPU; CUDA events (recorded around the call) on CUDA."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, fn, prepare, warmup: int, repeats: int):
+        """Returns (first-call seconds, list of per-call seconds after warm-up)."""
+        prepare()
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        first = time.perf_counter() - t0
+        del out
+        for _ in range(warmup):
+            prepare()
+            out = fn()
+            del out
+        times = []
+        if self.cuda:
+            events = []
+            for _ in range(repeats):
+                prepare()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                del out
+                events.append((start, end))
+            torch.cuda.synchronize()
+            times = [s.elapsed_time(e) / 1e3 for s, e in events]
+        else:
+            for _ in range(repeats):
+                prepare()
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+                del out   # freeing the outputs (and the graph) is outside the timed region
+        return first, times
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def use_mmap_for_large_allocations():
+    """Every allocation >= 64 KiB becomes its own mapping, returned to the OS when freed.
+
+    Done before the inputs exist: large chunks that glibc's default (adaptive) threshold put on the
+    heap stay there after free, in arenas picked by lock contention, and inflate a later peak by a
+    varying amount (seen: +3 to +48 MiB on a 61 MiB peak). An explicit threshold also stops glibc
+    raising it, which is why timing runs in another process with the default.
+    """
+    m_mmap_threshold = -3   # mallopt parameter number
+    if not ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 64 * 1024):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
+
+
+class PeakMeter:
+    """Memory in use and its peak since the last reset: RSS on CPU, the caching allocator on CUDA."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.libc = None if self.cuda else ctypes.CDLL("libc.so.6")
+
+    def reset(self) -> int:
+        """Clears freed memory, resets the peak to the current use and returns that use."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")        # VmHWM := VmRSS
+        return _proc_status_bytes("VmRSS")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _proc_status_bytes("VmHWM")
+
+
+def peak_extra(device, forward, backward, prepare, grad_bytes, calls: int = 2) -> int:
+    """Peak bytes held beyond the memory in use before the call, not counting the gradients.
+
+    Forward and backward are measured separately so the gradients are subtracted only from the
+    backward's peak (a forward peak holds no gradients); the smaller over `calls` calls.
+    """
+    meter, extras = PeakMeter(device), []
+    for _ in range(calls):
+        prepare()
+        base = meter.reset()
+        out = forward()
+        extra = meter.peak() - base
+        if backward is not None:
+            meter.reset()       # the peak restarts from what the forward left (saved tensors)
+            backward(out)
+            extra = max(extra, meter.peak() - base - grad_bytes())
+        del out
+        extras.append(extra)
+    return min(extras)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if torch.cuda.is_available() and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, (MemoryError, RuntimeError)) and (
+        "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc))
+
+
+def _record(case, **fields):
+    rec = dict(variant=case["variant"], shape=case["shape"], dtype=case["dtype"], mode=case["mode"],
+               status="ok", error=None, median_s=None, min_s=None, times_s=None, first_call_s=None,
+               peak_extra_bytes=None, grad_bytes=None, input_bytes=None)
+    rec.update(fields)
+    return rec
+
+
+def measure_products(case, cfg, clock):
+    n, b, l, d = case["shape"]
+    m = b * l
+    dtype, device = DTYPES[case["dtype"]], cfg["device"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    src = torch.randn(n, d, generator=gen, device=device, dtype=dtype)
+    trg = torch.randn(m, d, generator=gen, device=device, dtype=dtype)
+    g = torch.randn(n, m, generator=gen, device=device, dtype=dtype)
+    scores, d_src, d_trg = (torch.empty(n, m, device=device, dtype=dtype), torch.empty_like(src),
+                            torch.empty_like(trg))
+    calls = {"src@trg^T": lambda: torch.mm(src, trg.T, out=scores),
+             "g@trg": lambda: torch.mm(g, trg, out=d_src),
+             "g^T@src": lambda: torch.mm(g.T, src, out=d_trg)}
+    records = []
+    for name in PRODUCTS:
+        first, times = clock.run(calls[name], lambda: None, cfg["warmup"], cfg["repeats"])
+        records.append(_record(dict(case, mode=name), times_s=times, median_s=statistics.median(times),
+                               min_s=min(times), first_call_s=first))
+    return records
+
+
+def measure_loss(case, cfg, clock, part):
+    """part: "time" (first call, warm-up, timed calls), "memory" (warm-up, peak extra) or "all"."""
+    device, dtype = cfg["device"], DTYPES[case["dtype"]]
+    with_backward = case["mode"] == "fwd+bwd"
+    if case["variant"] == "compiled":
+        torch._dynamo.reset()   # a fresh compile per case: first_call_s is this shape's compile
+    fn = loss_function(case["variant"], cfg["fused_backend"])
+    # Inputs require grad in both modes: "fwd" is the training forward, which saves for backward.
+    src, trg, pos_idx = make_inputs(case["shape"], dtype, device, requires_grad=True)
+    kw = dict(tclip=cfg["tclip"], reg_weight=cfg["reg_weight"])
+
+    def prepare():
+        src.grad = trg.grad = None   # frees the last call's gradients outside the timed region
+
+    def forward():
+        return fn(src, trg, pos_idx, **kw)
+
+    def backward(out):
+        loss, lgt_reg = out
+        (loss + lgt_reg).backward()
+
+    def call():
+        out = forward()
+        if with_backward:
+            backward(out)
+        return out
+
+    def grad_bytes():
+        return sum(t.grad.nbytes for t in (src, trg) if t.grad is not None)
+
+    rec = _record(case, input_bytes=src.nbytes + trg.nbytes)
+    if part in ("time", "all"):
+        first, times = clock.run(call, prepare, cfg["warmup"], cfg["repeats"])
+        rec.update(times_s=times, median_s=statistics.median(times), min_s=min(times), first_call_s=first)
+    if part in ("memory", "all"):
+        if part == "memory":   # warm-up: one-time costs (compile, thread pools, BLAS buffers)
+            for _ in range(max(cfg["warmup"], 1)):
+                prepare()
+                call()
+        rec["peak_extra_bytes"] = peak_extra(device, forward, backward if with_backward else None,
+                                             prepare, grad_bytes)
+        rec["grad_bytes"] = grad_bytes()
+    return [rec]
+
+
+def measure(case, cfg, part="all"):
+    """All records of one case; failures become records with status "OOM" or "error"."""
+    torch.set_num_threads(cfg["threads"])
+    clock = Clock(cfg["device"])
+    try:
+        if case["variant"] == "products":
+            return measure_products(case, cfg, clock)
+        if part == "memory" and cfg["device"] == "cpu":
+            use_mmap_for_large_allocations()
+        return measure_loss(case, cfg, clock, part)
+    except Exception as exc:   # one failing variant must not end the run
+        status = "OOM" if _is_oom(exc) else "error"
+        err = f"{type(exc).__name__}: {str(exc).strip()[:800]}"
+        modes = PRODUCTS if case["variant"] == "products" else (case["mode"],)
+        return [_record(dict(case, mode=m), status=status, error=err) for m in modes]
+    finally:
+        gc.collect()
+        if cfg["device"] == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_in_subprocess(case, cfg, part):
+    timeout = cfg["compile_timeout"] if case["variant"] == "compiled" else cfg["case_timeout"]
+    spec = json.dumps(dict(case=case, cfg=cfg, part=part))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", spec]
+    modes = PRODUCTS if case["variant"] == "products" else (case["mode"],)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return [_record(dict(case, mode=m), status="timeout", error=f"{part}: no result within {timeout} s")
+                for m in modes]
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    # A child killed by the kernel (e.g. the OOM killer: rc -9) prints nothing.
+    tail = (proc.stderr or proc.stdout).strip()[-800:]
+    status = "OOM" if proc.returncode == -9 else "error"
+    return [_record(dict(case, mode=m), status=status, error=f"{part}: child exited with {proc.returncode}: {tail}")
+            for m in modes]
+
+
+def measure_isolated(case, cfg):
+    """Timing and peak memory of a loss case in two fresh processes: each needs its own malloc mode."""
+    if case["variant"] == "products" or cfg["device"] == "cuda":   # CUDA memory needs no malloc mode
+        return measure_in_subprocess(case, cfg, "time" if case["variant"] == "products" else "all")
+    (timed,) = measure_in_subprocess(case, cfg, "time")
+    (mem,) = measure_in_subprocess(case, cfg, "memory")
+    if timed["status"] != "ok":
+        return [timed]
+    timed.update(peak_extra_bytes=mem["peak_extra_bytes"], grad_bytes=mem["grad_bytes"])
+    if mem["status"] != "ok":
+        timed.update(status=mem["status"], error=mem["error"])
+    return [timed]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def environment(device: str, argv) -> dict:
+    def cmd_out(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    cpu_model = None
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    dirty = cmd_out("git", "status", "--porcelain")
+    env = dict(device=device, cpu_model=cpu_model or platform.processor(), cpu_count=os.cpu_count(),
+               cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+               torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+               python=platform.python_version(), platform=platform.platform(),
+               git_commit=cmd_out("git", "rev-parse", "HEAD"), git_dirty=bool(dirty),
+               git_dirty_paths=dirty.splitlines()[:50] if dirty else [],
+               command=" ".join(shlex.quote(a) for a in [sys.executable] + list(argv)),
+               utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if device == "cuda":
+        env["device_name"] = torch.cuda.get_device_name()
+        env["driver"] = cmd_out("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    else:
+        env["device_name"] = env["cpu_model"]
+    return env
+
+
+def build_cases(shapes, dtypes, variants, modes):
+    cases = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for variant in variants:
+                for mode in ("products",) if variant == "products" else modes:
+                    cases.append(dict(variant=variant, shape=list(shape), dtype=dtype, mode=mode))
+    return cases
+
+
+def _median(records, variant, mode):
+    for r in records:
+        if r["variant"] == variant and r["mode"] == mode and r["status"] == "ok":
+            return r["median_s"], r["peak_extra_bytes"]
+    return None, None
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def summarize(records, device):
+    """Ratios per (shape, dtype) and the target checks that apply to the measured shapes."""
+    groups = {}
+    for r in records:
+        groups.setdefault((tuple(r["shape"]), r["dtype"]), []).append(r)
+    summary, checks = [], []
+    for (shape, dtype), recs in groups.items():
+        t = {(v, m): _median(recs, v, m)[0] for v in VARIANTS for m in LOSS_MODES + PRODUCTS}
+        mem = {v: _median(recs, v, "fwd+bwd")[1] for v in VARIANTS}
+        mm1 = t["products", "src@trg^T"]
+        mm3 = None if any(t["products", p] is None for p in PRODUCTS) else sum(t["products", p] for p in PRODUCTS)
+        fwd, fwdbwd = t["fused", "fwd"], t["fused", "fwd+bwd"]
+        row = dict(shape=list(shape), dtype=dtype, mm_s=mm1, three_mm_s=mm3,
+                   fused_fwd_over_mm=_div(fwd, mm1), fused_fwdbwd_over_mm=_div(fwdbwd, mm1),
+                   fused_fwdbwd_over_3mm=_div(fwdbwd, mm3),
+                   speedup_fwd_vs_reference=_div(t["reference", "fwd"], fwd),
+                   speedup_fwdbwd_vs_reference=_div(t["reference", "fwd+bwd"], fwdbwd),
+                   speedup_fwd_vs_compiled=_div(t["compiled", "fwd"], fwd),
+                   speedup_fwdbwd_vs_compiled=_div(t["compiled", "fwd+bwd"], fwdbwd),
+                   fused_peak_extra_fwdbwd_mib=_div(mem["fused"], MIB),
+                   mem_fwdbwd_fused_over_reference=_div(mem["fused"], mem["reference"]))
+        summary.append(row)
+        for dev, tshape, tdtype, name, key, op, limit in TARGETS:
+            if dev == device and tshape == shape and tdtype == dtype:
+                value = row[key]
+                ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+                checks.append(dict(target=name, shape=list(shape), dtype=dtype, key=key, value=value,
+                                   limit=f"{op} {limit}", passed=ok))
+    return summary, checks
+
+
+def _fmt(v, scale=1.0, digits=2):
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def render_markdown(result) -> str:
+    env, cfg = result["env"], result["settings"]
+    lines = [f"# bench_nce: {env['device_name']} ({env['device']})", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env.get('driver')}, "
+             f"{cfg['threads']} threads; git {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; "
+             f"{env['utc']}", "", f"`{env['command']}`", "",
+             f"Median of {cfg['repeats']} calls after {cfg['warmup']} warm-up calls; fused backend "
+             f"`{cfg['fused_backend']}`; tclip {cfg['tclip']}, reg_weight {cfg['reg_weight']}. "
+             f"Peak extra = {cfg['memory_method']}. "
+             "products: fwd column = src@trg^T, fwd+bwd column = sum of the three products.", ""]
+    groups = {}
+    for r in result["records"]:
+        groups.setdefault((shape_str(r["shape"]), r["dtype"]), []).append(r)
+    for (shape, dtype), recs in groups.items():
+        lines += [f"## N x B x L x D = {shape}, {dtype}", "",
+                  "| variant | fwd ms | fwd+bwd ms | first call s (fwd / f+b) | peak extra fwd MiB "
+                  "| peak extra f+b MiB | status |", "|---|---|---|---|---|---|---|"]
+        variants = [v for v in VARIANTS if any(r["variant"] == v for r in recs)]
+        for v in variants:
+            rs = {r["mode"]: r for r in recs if r["variant"] == v}
+            bad = "; ".join(f"{m}: {r['status']} {r['error'] or ''}".strip()
+                            for m, r in rs.items() if r["status"] != "ok")
+            bad = bad.replace("|", "/").replace("\n", " ")   # keep the markdown row intact
+            if v == "products":
+                t = [rs[p]["median_s"] if rs[p]["status"] == "ok" else None for p in PRODUCTS]
+                three = None if None in t else sum(t)
+                lines.append(f"| products | {_fmt(t[0], 1e3)} | {_fmt(three, 1e3)} | - | - | - | "
+                             f"{bad or 'ok'} (ms each: {', '.join(_fmt(x, 1e3) for x in t)}) |")
+                continue
+            f, b = rs.get("fwd", {}), rs.get("fwd+bwd", {})
+            lines.append(f"| {v} | {_fmt(f.get('median_s'), 1e3)} | {_fmt(b.get('median_s'), 1e3)} "
+                         f"| {_fmt(f.get('first_call_s'))} / {_fmt(b.get('first_call_s'))} "
+                         f"| {_fmt(f.get('peak_extra_bytes'), 1 / MIB)} "
+                         f"| {_fmt(b.get('peak_extra_bytes'), 1 / MIB)} | {(bad or 'ok')[:300]} |")
+        lines.append("")
+    lines += ["## Ratios (fused)", "",
+              "| shape | dtype | fwd / mm | f+b / mm | f+b / 3 mm | f+b speedup vs reference "
+              "| vs compiled | peak extra f+b MiB | peak extra f+b / reference's |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        lines.append(f"| {shape_str(s['shape'])} | {s['dtype']} | {_fmt(s['fused_fwd_over_mm'])} "
+                     f"| {_fmt(s['fused_fwdbwd_over_mm'])} | {_fmt(s['fused_fwdbwd_over_3mm'])} "
+                     f"| {_fmt(s['speedup_fwdbwd_vs_reference'])} | {_fmt(s['speedup_fwdbwd_vs_compiled'])} "
+                     f"| {_fmt(s['fused_peak_extra_fwdbwd_mib'])} | {_fmt(s['mem_fwdbwd_fused_over_reference'], 1, 3)} |")
+    if result["targets"]:
+        lines += ["", "## Targets", "", "| target | shape | dtype | value | limit | met |", "|---|---|---|---|---|---|"]
+        for c in result["targets"]:
+            met = "n/a" if c["passed"] is None else ("yes" if c["passed"] else "NO")
+            lines.append(f"| {c['target']} | {shape_str(c['shape'])} | {c['dtype']} | {_fmt(c['value'], 1, 3)} "
+                         f"| {c['limit']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def progress_line(i, total, case, recs) -> str:
+    head = f"[{i}/{total}] {case['variant']:9s} {shape_str(case['shape'])} {case['dtype']} {case['mode']}"
+    parts = []
+    for r in recs:
+        if r["status"] != "ok":
+            parts.append(f"{r['mode']}: {r['status']} {(r['error'] or '')[:120]}")
+            continue
+        text = f"{r['median_s'] * 1e3:.3f} ms"
+        if r["peak_extra_bytes"] is not None:
+            text += f", first call {r['first_call_s']:.2f} s, peak extra {r['peak_extra_bytes'] / MIB:.2f} MiB"
+        parts.append(text if len(recs) == 1 else f"{r['mode']} {text}")
+    return f"{head}: {'; '.join(parts)}"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, help="NxBxLxD, e.g. 256x256x49x256")
+    p.add_argument("--dtype", nargs="+", help="float32|bfloat16|float16 (fp32, bf16, fp16); "
+                   "default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   help="default: all (all but compiled with --quick or --sweep)")
+    p.add_argument("--modes", nargs="+", choices=LOSS_MODES, default=list(LOSS_MODES))
+    p.add_argument("--repeats", type=int, help="timed calls per case (default 10 cpu, 25 cuda, 3 quick)")
+    p.add_argument("--warmup", type=int, help="untimed calls before them (default 2 cpu, 5 cuda, 1 quick)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--fused-backend", default="auto", help="backend= of fused_nce_loss")
+    p.add_argument("--tclip", type=float, default=20.0)
+    p.add_argument("--reg-weight", type=float, default=0.05)
+    p.add_argument("--sweep", action="store_true", help=f"N=B in {SWEEP['nb']}, L in {SWEEP['l']}, "
+                   f"D in {SWEEP['d']}, dtypes {SWEEP['dtypes']} (unless --shapes/--dtype given)")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: shape {QUICK_SHAPE}, few repeats")
+    p.add_argument("--isolate", action="store_true", help="one subprocess per case on cuda too (always on cpu)")
+    p.add_argument("--case-timeout", type=float, default=600.0, help="seconds per subprocess case")
+    p.add_argument("--compile-timeout", type=float, default=300.0,
+                   help="seconds per torch.compile subprocess case (caps the compile cost)")
+    p.add_argument("--tag", help="name part of the default output file (default: UTC timestamp)")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_nce_<device>_<tag>.json); "
+                   "the markdown table goes beside it with .md")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False")
+    if args.sweep and args.quick:
+        p.error("--sweep and --quick exclude each other")
+    dtypes = args.dtype or (SWEEP["dtypes"] if args.sweep else [DEFAULT_DTYPE[args.device]])
+    args.dtype = [DTYPE_ALIASES.get(d, d) for d in dtypes]
+    for d in args.dtype:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; choose from {sorted(DTYPES) + sorted(DTYPE_ALIASES)}")
+    if args.shapes is None:
+        if args.quick:
+            args.shapes = [parse_shape(QUICK_SHAPE)]
+        elif args.sweep:
+            args.shapes = [(nb, nb, l, d) for d in SWEEP["d"] for l in SWEEP["l"] for nb in SWEEP["nb"]]
+        else:
+            args.shapes = [parse_shape(s) for s in DEFAULT_SHAPES[args.device]]
+    if args.variants is None:
+        # torch.compile costs tens of seconds per case: opt in to it for smoke runs and sweeps.
+        args.variants = [v for v in VARIANTS if v != "compiled" or not (args.quick or args.sweep)]
+    defaults = (3, 1) if args.quick else ((25, 5) if args.device == "cuda" else (10, 2))
+    args.repeats = args.repeats or defaults[0]
+    args.warmup = defaults[1] if args.warmup is None else args.warmup
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_child"]:
+        spec = json.loads(argv[1])
+        print(RESULT_TAG + json.dumps(measure(spec["case"], spec["cfg"], spec["part"])), flush=True)
+        return 0
+    args = parse_args(argv)
+    isolate = args.isolate or args.device == "cpu"   # peak RSS is only meaningful per process
+    memory_method = ("max(fwd peak, bwd peak - gradient bytes) - allocated before the call "
+                     "(torch.cuda.max_memory_allocated); min of 2 calls"
+                     if args.device == "cuda" else
+                     "max(fwd VmHWM, bwd VmHWM - gradient bytes) - VmRSS before the call, after "
+                     "warm-up (own subprocess, 64 KiB mmap threshold, heap trimmed, HWM reset via "
+                     "clear_refs); min of 2 calls")
+    cfg = dict(device=args.device, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+               fused_backend=args.fused_backend, tclip=args.tclip, reg_weight=args.reg_weight,
+               case_timeout=args.case_timeout, compile_timeout=args.compile_timeout,
+               isolate=isolate, memory_method=memory_method)
+    torch.set_num_threads(args.threads)
+    env = environment(args.device, [str(Path(__file__))] + list(argv))
+    tag = args.tag or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or ROOT / "benchmarks" / "results" / f"bench_nce_{args.device}_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    cases = build_cases(args.shapes, args.dtype, args.variants, args.modes)
+    print(f"bench_nce: {len(cases)} cases on {env['device_name']} ({args.device}, {args.threads} threads), "
+          f"repeats {args.repeats}, warmup {args.warmup}", flush=True)
+    records, t_start = [], time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        recs = measure_isolated(case, cfg) if isolate else measure(case, cfg)
+        records += recs
+        print(progress_line(i, len(cases), case, recs), flush=True)
+    summary, checks = summarize(records, args.device)
+    result = dict(schema="bench_nce/1", env=env, settings=cfg, records=records, summary=summary,
+                  targets=checks, wall_s=time.perf_counter() - t_start)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    markdown = render_markdown(result)
+    out.with_suffix(".md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
