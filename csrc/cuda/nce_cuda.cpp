@@ -63,12 +63,14 @@ NegReduction parse_neg_reduction(c10::string_view name) {
 
 // Power of two p with max|g_a / sqrt(D)| * p <= 2^kHalfTopExponent, from bounds that hold for any
 // consistent neg_stat: |d neg_stat/d s| <= 1 (exp(s - lse) or sigmoid), |d s/d a| <= 1 and
-// |a| <= max|src_i| * max|trg_m| / sqrt(D). One device-to-host copy of five scalars.
+// |a| <= max ||src_i|| * max ||trg_m|| / sqrt(D). One device-to-host copy of five scalars.
 float half_g_scale(const at::Tensor& gp, const at::Tensor& gn, const at::Tensor& gs,
                    const at::Tensor& src, const at::Tensor& trg_flat, double inv_sqrt_d) {
   const int64_t rows_dim[] = {1};
   const auto max_row_norm = [&](const at::Tensor& x) {
-    return at::linalg_vector_norm(x, 2, at::IntArrayRef(rows_dim), false, at::kFloat).max();
+    // Norms in fp16: the reduction accumulates in fp32 without an fp32 copy of x (M x D). A norm
+    // above 65504 becomes inf, which only makes the bound infinite: the scale then falls back to 1.
+    return at::linalg_vector_norm(x, 2, at::IntArrayRef(rows_dim), false).max().to(at::kFloat);
   };
   const at::Tensor bounds = at::stack({gp.abs().max(), gn.abs().max(), gs.abs().reshape({}),
                                        max_row_norm(src), max_row_norm(trg_flat)})
@@ -76,7 +78,7 @@ float half_g_scale(const at::Tensor& gp, const at::Tensor& gn, const at::Tensor&
   const float* v = bounds.data_ptr<float>();
   const double max_a = double(v[3]) * v[4] * inv_sqrt_d;
   const double max_g = (std::max(v[0], v[1]) + 2.0 * v[2] * max_a) * inv_sqrt_d;
-  if (!(max_g > 0.0) || !std::isfinite(max_g)) return 1.0f;  // zero (or non-finite) gradients
+  if (!(max_g > 0.0) || !std::isfinite(max_g)) return 1.0f;  // zero gradients, or no usable bound
   const int e = std::clamp(kHalfTopExponent - 1 - std::ilogb(max_g), -100, 100);
   return std::ldexp(1.0f, e);
 }
