@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import _validate
 from .reference import (check_estimator, check_mixture_inputs, mixture_nce_loss_reference,
-                        nce_loss_reference)
+                        nce_loss_reference, softplus)
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 _FUSED_DEVICE = {"cpp": "cpu", "triton": "cuda"}   # where each fused backend runs
@@ -75,7 +75,7 @@ def estimator_loss(estimator, pos, neg_stat, b):
         return F.softplus(neg_stat[:, None] - pos).mean()
     n_neg_pairs = pos.numel() * (b - 1)
     if estimator == "jsd":   # the mean over no negative pairs (B == 1) counts as 0
-        return F.softplus(-pos).mean() + neg_stat.sum() / max(n_neg_pairs, 1)
+        return softplus(-pos).mean() + neg_stat.sum() / max(n_neg_pairs, 1)
     # "dv": the global log-mean-exp of the negatives is a logsumexp of the row logsumexps
     return -(pos.mean() - (torch.logsumexp(neg_stat, dim=0) - math.log(n_neg_pairs)))
 

@@ -81,13 +81,18 @@ def nce_loss_reference(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05, e
     return loss, lgt_reg
 
 
+def softplus(x):
+    """log(1 + e^x), exact for every x (F.softplus returns x itself for x > 20)."""
+    return torch.logaddexp(x, x.new_zeros(()))
+
+
 def _dim_estimator_loss(s, pos_idx, estimator):
     """Spec section 4 over the full (N, B, L) score tensor s."""
     is_pos = F.one_hot(pos_idx, s.shape[1]).bool()[:, :, None].expand_as(s)
     s_pos, s_neg = s[is_pos], s[~is_pos]
     if estimator == "jsd":
-        neg_term = F.softplus(s_neg).mean() if s_neg.numel() else s.new_zeros(())
-        return F.softplus(-s_pos).mean() + neg_term
+        neg_term = softplus(s_neg).mean() if s_neg.numel() else s.new_zeros(())
+        return softplus(-s_pos).mean() + neg_term
     return -(s_pos.mean() - (s_neg.logsumexp(dim=0) - math.log(s_neg.numel())))   # "dv"
 
 
