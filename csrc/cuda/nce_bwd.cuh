@@ -36,7 +36,7 @@ struct NceBwdTile {
                                 // for fp16 (see nce_cuda.cpp); the products undo the power of two
 };
 
-// g[k] = g_scale * d(pos, neg_stat, sumsq)/d a for every element k of the tile. g may alias
+// g[k] = g_scale * d<grads, (pos, neg_stat, sumsq)>/d a for every element k of the tile. g may alias
 // tile.dots when T is float (each element is read before it is written, by the same thread).
 template <typename T>
 cudaError_t launch_nce_bwd_tile(const NceBwdTile& tile, T* g, cudaStream_t stream);
