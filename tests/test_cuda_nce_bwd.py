@@ -20,7 +20,6 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 NVCC_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--use_fast_math"]
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 REDUCTIONS = ("logsumexp", "softplus_sum")
-DEVICE = "cuda"
 
 
 def run_nvcc(args):
@@ -196,7 +195,7 @@ def test_matches_float64_autograd(nce_bwd, shape, neg_reduction, tclip, dtype):
     n, b, l, d, random_pos = shape
     src64, trg64, pos_idx, grads = problem(n, b, l, d, seed=n + b,
                                            pos_idx=None if random_pos else torch.arange(n))
-    dev = torch.device(DEVICE)
+    dev = torch.device("cuda")
     src, trg = src64.to(dev, dtype), trg64.to(dev, dtype)
     pos_idx, grads = pos_idx.to(dev), [g.to(dev) for g in grads]
     truth = input_grads(src.double(), trg.double(), pos_idx, tclip, neg_reduction, grads)
