@@ -138,7 +138,7 @@ def test_opcheck(dtype, detach_q):
     torch.library.opcheck(mixture.mixture_bwd, (grad, pos.detach(), neg_stat.detach(), 1.5, 0.2, detach_q))
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # numpy, in untaken tl.where arms
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy warns on inf/NaN in masked-out lanes
 @pytest.mark.parametrize("n,k,l", [(3, 1, 5), (4, 3, 70), (5, 4, 49)])
 @pytest.mark.parametrize("tau,alpha,detach_q", [(1.0, 1.0, True), (2.5, 0.2, False), (0.5, 0.0, False)])
 def test_triton_epilogue_matches_cpp(n, k, l, tau, alpha, detach_q):
@@ -269,3 +269,19 @@ def test_cuda_matches_reference(detach_q, alpha):
     fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
     ref = loss_and_grads(ak.mixture_nce_loss_reference, src_mix, trg, pos_idx, **kw)
     assert_matches(fused, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_fullgraph():
+    src_mix, trg, pos_idx = make(9, 3, 7, 5, 10, torch.float32, scale=1.0)
+
+    @torch.compile(fullgraph=True)
+    def objective(s, t, p):
+        loss, reg = ak.fused_mixture_nce_loss(s, t, p, tau=2.0, detach_q=False)
+        return loss + reg
+
+    out = objective(src_mix, trg, pos_idx)
+    grads = torch.autograd.grad(out, (src_mix, trg))
+    ref_loss, ref_reg = ak.mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=2.0, detach_q=False)
+    ref_grads = torch.autograd.grad(ref_loss + ref_reg, (src_mix, trg))
+    torch.testing.assert_close(out, ref_loss + ref_reg, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grads, ref_grads, rtol=2e-5, atol=2e-6)
