@@ -241,7 +241,10 @@ def test_gpu_error_within_torch_error(n, b, l, d, dtype, precision, tclip, neg_r
         err = (x.double() - t).abs().max().item()
         err_torch = (p - t).abs().max().item()
         tol = 1e-5 * (1.0 + t.abs().max().item())
-        assert err <= err_torch + tol, (name, err, err_torch, tol)
+        # tf32 errors are ~1e-3 on both sides and need not round the same way (Triton's wgmma
+        # may truncate fp32 to tf32 where cuBLAS rounds): allow up to twice torch's error there.
+        factor = 2.0 if precision == "high" else 1.0
+        assert err <= factor * err_torch + tol, (name, err, err_torch, tol)
 
 
 @pytest.mark.gpu
