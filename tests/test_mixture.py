@@ -110,6 +110,21 @@ def test_single_sample_gives_uniform_q_and_zero_gradient(detach_q):
     assert reg.item() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    src_mix, trg, pos_idx = make(12, 3, 10, 9, 16, dtype, scale=1.0)
+    loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
+                                             detach_q=False, alpha=0.2)
+    assert loss.dtype == reg.dtype == torch.float32 and g_src.dtype == g_trg.dtype == dtype
+    # ground truth: the same (rounded) inputs in float64
+    ref = loss_and_grads(ak.mixture_nce_loss_reference, src_mix.detach().double().requires_grad_(),
+                         trg.detach().double().requires_grad_(), pos_idx, detach_q=False, alpha=0.2)
+    for got, want in zip((loss, reg), ref[:2]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for got, want in zip((g_src, g_trg), ref[2:]):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-4)
+
+
 @pytest.mark.parametrize("detach_q,alpha", [(True, None), (False, 0.3)])
 def test_gradcheck_fused(detach_q, alpha):
     src_mix, trg, pos_idx = make(5, 3, 4, 3, 4, torch.float64, scale=1.0)
@@ -257,6 +272,24 @@ def test_bad_input(fn, desc, build, exc, words):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         ak.fused_mixture_nce_loss(*ok(), backend="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("detach_q", [True, False])
+def test_cuda_epilogue_opcheck_and_matches_cpu(detach_q):
+    from amdim_kernels import mixture
+    pos, neg_stat = epilogue_inputs(300, 4, 49)
+    grad = torch.tensor(0.7)
+    cpu = (mixture.mixture_fwd(pos, neg_stat, 1.5, 0.2, detach_q),
+           *mixture.mixture_bwd(grad, pos, neg_stat, 1.5, 0.2, detach_q))
+    pos, neg_stat, grad = pos.cuda(), neg_stat.cuda(), grad.cuda()
+    cuda = (mixture.mixture_fwd(pos, neg_stat, 1.5, 0.2, detach_q),
+            *mixture.mixture_bwd(grad, pos, neg_stat, 1.5, 0.2, detach_q))
+    for got, want in zip(cuda, cpu):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-8)
+    torch.library.opcheck(mixture.mixture_fwd, (pos.requires_grad_(), neg_stat.requires_grad_(),
+                                                1.5, 0.2, detach_q))
+    torch.library.opcheck(mixture.mixture_bwd, (grad, pos.detach(), neg_stat.detach(), 1.5, 0.2, detach_q))
 
 
 @pytest.mark.gpu
