@@ -3,7 +3,7 @@ three matrix products that no exact method can avoid, measured in the same run.
 
     python benchmarks/bench_nce.py                                   # CPU, default shapes
     python benchmarks/bench_nce.py --device cuda                     # S1, S2 in bf16
-    python benchmarks/bench_nce.py --device cuda --sweep --variants fused products
+    python benchmarks/bench_nce.py --device cuda --sweep --variants fused products --modes fwd+bwd
     python benchmarks/bench_nce.py --quick                           # smoke run, tiny shape
 
 Shapes are N x B x L x D (src N x D, trg B x L x D, M = B*L score columns). Each loss variant is
@@ -42,7 +42,6 @@ import ctypes
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import shlex
@@ -552,9 +551,9 @@ def parse_args(argv):
                    f"D in {SWEEP['d']}, dtypes {SWEEP['dtypes']} (unless --shapes/--dtype given)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: shape {QUICK_SHAPE}, few repeats")
     p.add_argument("--isolate", action="store_true", help="one subprocess per case on cuda too (always on cpu)")
-    p.add_argument("--case-timeout", type=float, default=600.0, help="seconds per subprocess case")
+    p.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case run in a subprocess")
     p.add_argument("--compile-timeout", type=float, default=300.0,
-                   help="seconds per torch.compile subprocess case (caps the compile cost)")
+                   help="seconds per torch.compile case run in a subprocess (caps the compile cost)")
     p.add_argument("--tag", help="name part of the default output file (default: UTC timestamp)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_nce_<device>_<tag>.json); "
                    "the markdown table goes beside it with .md")
