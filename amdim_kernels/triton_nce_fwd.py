@@ -37,6 +37,9 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    # D <= 128 in one chunk: the row block stays loaded and only trg tiles stream (ONE_CHUNK).
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=2),
 ]
 # The interpreter rejects autotuning over 2+ configs; small tiles keep it fast on small shapes.
 _INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
@@ -78,6 +81,7 @@ def _softplus(x):
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "M", "D", "NEG_LSE", "INPUT_PRECISION"])
+@triton.heuristics({"ONE_CHUNK": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit
 def _nce_fwd_split_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,            # (N, D), (M, D) row-major; (N,) int64
@@ -90,6 +94,7 @@ def _nce_fwd_split_kernel(
     FIXED_SHIFT: tl.constexpr,       # logsumexp shifted by tclip instead of a running max
     INPUT_PRECISION: tl.constexpr,   # "ieee" or "tf32" (only matters for fp32 inputs)
     UPCAST: tl.constexpr,            # interpreter: its bf16 tl.dot is wrong, so dot in fp32
+    ONE_CHUNK: tl.constexpr,         # D <= BLOCK_D (set by the heuristic from the config)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -102,6 +107,13 @@ def _nce_fwd_split_kernel(
     p_lo = tl.min(tl.where(row_ok, pidx, M))
     p_hi = tl.max(pidx)
     src_rows = src_ptr + rows.to(tl.int64)[:, None] * D
+    if ONE_CHUNK:
+        # Load the row block once: the column loop then holds a single dot, and the software
+        # pipeline prefetches the next trg tile across column tiles instead of restarting per tile.
+        ks = tl.arange(0, BLOCK_D)
+        x_all = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
+        if UPCAST:
+            x_all = x_all.to(tl.float32)
 
     m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     acc_i = tl.zeros((BLOCK_N,), tl.float32)
@@ -112,16 +124,22 @@ def _nce_fwd_split_kernel(
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < col_end
         trg_cols = trg_ptr + cols.to(tl.int64)[None, :] * D
-        a = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            k_ok = ks < D
-            x = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.load(trg_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if ONE_CHUNK:
+            y = tl.load(trg_cols + ks[:, None], mask=(ks < D)[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
-                x = x.to(tl.float32)
                 y = y.to(tl.float32)
-            a = tl.dot(x, y, a, input_precision=INPUT_PRECISION)
+            a = tl.dot(x_all, y, input_precision=INPUT_PRECISION)
+        else:
+            a = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                kc = k0 + tl.arange(0, BLOCK_D)
+                k_ok = kc < D
+                x = tl.load(src_rows + kc[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                y = tl.load(trg_cols + kc[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                    y = y.to(tl.float32)
+                a = tl.dot(x, y, a, input_precision=INPUT_PRECISION)
         a = a * scale
         # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
         sq_i += tl.sum(a * a, axis=1)
