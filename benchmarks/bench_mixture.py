@@ -159,7 +159,8 @@ def environment(device: str) -> dict:
     env = dict(device=device, torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                python=platform.python_version(), platform=platform.platform(),
-               git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain",
+               # the GPU machine gets the tree without .git: gpu_check.sh passes AMDIM_COMMIT
+               git_commit=git("rev-parse", "HEAD") or os.environ.get("AMDIM_COMMIT"), git_dirty=bool(git("status", "--porcelain",
                                                                       "amdim_kernels", "csrc")),
                command=" ".join([sys.executable] + sys.argv),
                utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

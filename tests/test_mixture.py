@@ -295,13 +295,23 @@ def test_cuda_epilogue_opcheck_and_matches_cpu(detach_q):
 @pytest.mark.gpu
 @pytest.mark.parametrize("detach_q,alpha", [(True, None), (False, 0.3)])
 def test_cuda_matches_reference(detach_q, alpha):
-    src_mix, trg, pos_idx = make(300, 4, 300, 49, 256, torch.float32, scale=1.0)
-    src_mix, trg, pos_idx = (x.detach().cuda() for x in (src_mix, trg, pos_idx))
-    src_mix.requires_grad_(), trg.requires_grad_()
+    src_mix, trg, pos_idx = (x.detach().cuda() for x in make(300, 4, 300, 49, 256, torch.float32, scale=1.0))
     kw = dict(tau=1.5, alpha=alpha, detach_q=detach_q)
-    fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
-    ref = loss_and_grads(ak.mixture_nce_loss_reference, src_mix, trg, pos_idx, **kw)
-    assert_matches(fused, ref, rtol=1e-4, atol=1e-6)
+    assert_error_within_torch_error(ak.fused_mixture_nce_loss, ak.mixture_nce_loss_reference,
+                                    src_mix, trg, pos_idx, **kw)
+
+
+def assert_error_within_torch_error(fused_fn, ref_fn, src, trg, pos_idx, **kw):
+    """Against the float64 reference, the fused fp32 result may err by no more than twice the
+    fp32 reference does (summation orders differ), plus 1e-5 relative."""
+    def run(fn, dtype):
+        return loss_and_grads(fn, src.to(dtype).requires_grad_(), trg.to(dtype).requires_grad_(),
+                              pos_idx, **kw)
+    truth = run(ref_fn, torch.float64)
+    for name, f, r, t in zip(("loss", "lgt_reg", "grad src", "grad trg"), run(fused_fn, torch.float32),
+                             run(ref_fn, torch.float32), truth):
+        err, err_torch = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+        assert err <= 2 * err_torch + 1e-5 * t.abs().max().item(), (name, err, err_torch)
 
 
 def test_torch_compile_fullgraph():
