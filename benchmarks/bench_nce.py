@@ -378,9 +378,10 @@ def measure_isolated(case, cfg):
 def environment(device: str, argv) -> dict:
     def cmd_out(*cmd):
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
 
     cpu_model = None
     if os.path.exists("/proc/cpuinfo"):
@@ -391,12 +392,13 @@ def environment(device: str, argv) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    dirty = cmd_out("git", "status", "--porcelain")
+    dirty = cmd_out("git", "status", "--porcelain")   # None where there is no .git (device copies)
     env = dict(device=device, cpu_model=cpu_model or platform.processor(), cpu_count=os.cpu_count(),
                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                python=platform.python_version(), platform=platform.platform(),
-               git_commit=cmd_out("git", "rev-parse", "HEAD"), git_dirty=bool(dirty),
+               git_commit=cmd_out("git", "rev-parse", "HEAD") or os.environ.get("AMDIM_COMMIT"),
+               git_dirty=None if dirty is None else bool(dirty),
                git_dirty_paths=dirty.splitlines()[:50] if dirty else [],
                command=" ".join(shlex.quote(a) for a in [sys.executable] + list(argv)),
                utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -474,6 +476,9 @@ def render_markdown(result) -> str:
              f"`{cfg['fused_backend']}`; tclip {cfg['tclip']}, reg_weight {cfg['reg_weight']}. "
              f"Peak extra = {cfg['memory_method']}. "
              "products: fwd column = src@trg^T, fwd+bwd column = sum of the three products.", ""]
+    if not result["complete"]:
+        lines += [f"**Incomplete: {len(result['records'])} records so far (the run was cut off or is "
+                  "still going).**", ""]
     groups = {}
     for r in result["records"]:
         groups.setdefault((shape_str(r["shape"]), r["dtype"]), []).append(r)
@@ -541,8 +546,8 @@ def parse_args(argv):
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    help="default: all (all but compiled with --quick or --sweep)")
     p.add_argument("--modes", nargs="+", choices=LOSS_MODES, default=list(LOSS_MODES))
-    p.add_argument("--repeats", type=int, help="timed calls per case (default 10 cpu, 25 cuda, 3 quick)")
-    p.add_argument("--warmup", type=int, help="untimed calls before them (default 2 cpu, 5 cuda, 1 quick)")
+    p.add_argument("--repeats", type=int, help="timed calls per case (default 10; 25 on cuda without --sweep; 3 quick)")
+    p.add_argument("--warmup", type=int, help="untimed calls before them (default 2; 5 on cuda without --sweep; 1 quick)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--fused-backend", default="auto", help="backend= of fused_nce_loss")
     p.add_argument("--tclip", type=float, default=20.0)
@@ -578,12 +583,25 @@ def parse_args(argv):
     if args.variants is None:
         # torch.compile costs tens of seconds per case: opt in to it for smoke runs and sweeps.
         args.variants = [v for v in VARIANTS if v != "compiled" or not (args.quick or args.sweep)]
-    defaults = (3, 1) if args.quick else ((25, 5) if args.device == "cuda" else (10, 2))
+    # (repeats, warmup): the sweep has hundreds of cases, each far longer than the timer's resolution.
+    defaults = (3, 1) if args.quick else (25, 5) if args.device == "cuda" and not args.sweep else (10, 2)
     args.repeats = args.repeats or defaults[0]
     args.warmup = defaults[1] if args.warmup is None else args.warmup
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
+
+
+def write_outputs(out: Path, env, cfg, records, complete: bool, t_start: float) -> str:
+    summary, checks = summarize(records, cfg["device"])
+    result = dict(schema="bench_nce/1", complete=complete, env=env, settings=cfg, records=records,
+                  summary=summary, targets=checks, wall_s=time.perf_counter() - t_start)
+    markdown = render_markdown(result)
+    for path, text in ((out, json.dumps(result, indent=1) + "\n"), (out.with_suffix(".md"), markdown)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)   # never leave a half-written file behind
+    return markdown
 
 
 def main(argv=None):
@@ -618,12 +636,8 @@ def main(argv=None):
         recs = measure_isolated(case, cfg) if isolate else measure(case, cfg)
         records += recs
         print(progress_line(i, len(cases), case, recs), flush=True)
-    summary, checks = summarize(records, args.device)
-    result = dict(schema="bench_nce/1", env=env, settings=cfg, records=records, summary=summary,
-                  targets=checks, wall_s=time.perf_counter() - t_start)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    markdown = render_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
+        # Rewritten after every case: a run cut off by a time limit still leaves what it measured.
+        markdown = write_outputs(out, env, cfg, records, complete=i == len(cases), t_start=t_start)
     print("\n" + markdown)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
