@@ -114,11 +114,13 @@ def check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip, reg
                          f"(N={n}, k={k}, D={d}) and trg {tuple(trg.shape)}")
     if n == 0 or d == 0:
         raise ValueError(f"src_mix must be non-empty, got shape {tuple(src_mix.shape)}")
-    for name, value in (("tau", tau), ("alpha", alpha)):
-        if name == "alpha" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {value!r}")
+    def is_real(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not is_real(tau):
+        raise TypeError(f"tau must be a float, got {tau!r}")
+    if alpha is not None and not is_real(alpha):
+        raise TypeError(f"alpha must be a float or None, got {alpha!r}")
     if not 0 < tau < math.inf:
         raise ValueError(f"tau must be a positive finite float, got {tau!r}")
     alpha = 1.0 / tau if alpha is None else alpha
