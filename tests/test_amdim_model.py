@@ -1,0 +1,181 @@
+"""AMDIM encoder shapes, the multiscale objective against a hand-written composition of the
+reference loss, and the batched augmentation."""
+import math
+
+import pytest
+import torch
+
+from amdim import augment
+from amdim.model import AMDIM, Encoder
+from amdim.objective import MultiscaleNCE, nce_fn, parse_costs
+from amdim_kernels.reference import nce_loss_reference
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_encoder_feature_shapes(size, use_bn):
+    enc = Encoder(size, ndf=4, n_rkhs=24, n_depth=2, use_bn=use_bn)
+    r1, r5, r7 = enc(torch.randn(3, 3, size, size))
+    assert r1.shape == (3, 24, 1, 1)
+    assert r5.shape == (3, 24, 5, 5)
+    assert r7.shape == (3, 24, 7, 7)
+    assert all(torch.isfinite(r).all() for r in (r1, r5, r7))
+
+
+def test_encoder_rejects_bad_config_and_input():
+    with pytest.raises(ValueError, match="image_size"):
+        Encoder(48)
+    with pytest.raises(ValueError, match="ndf"):
+        Encoder(32, ndf=0)
+    with pytest.raises(ValueError, match=r"\(B, C, 32, 32\)"):
+        Encoder(32, ndf=4, n_rkhs=8, n_depth=1)(torch.randn(2, 3, 64, 64))
+
+
+def test_local_features_see_a_bounded_window():
+    """No padding in the blocks: a pixel far from a 7x7 location cannot affect it."""
+    enc = Encoder(32, ndf=4, n_rkhs=8, n_depth=1).eval()
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., 28:, 28:] += 10.0                       # bottom-right corner only
+    r7a, r7b = enc(x)[2], enc(y)[2]
+    assert torch.equal(r7a[..., :3, :3], r7b[..., :3, :3])    # top-left locations untouched
+    assert not torch.equal(r7a[..., 6, 6], r7b[..., 6, 6])
+
+
+def test_model_splits_views_and_detaches_classifier_input():
+    torch.manual_seed(0)
+    model = AMDIM(32, ndf=4, n_rkhs=16, n_depth=1, n_classes=5)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    (f1, f2), (mlp, lin) = model(x1, x2)
+    assert [r.shape[0] for r in f1 + f2] == [4] * 6 and mlp.shape == lin.shape == (4, 5)
+    (mlp.sum() + lin.sum()).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())   # classifiers train alone
+
+
+def _feats(b, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, s, s, generator=g, dtype=torch.float64, requires_grad=True) for s in (1, 5, 7)]
+
+
+def _targets(r):
+    return r.flatten(2).transpose(1, 2)
+
+
+def test_objective_equals_spec_composition():
+    """total = 1->5 + 1->7 + 5->5 (each the mean of both directions) + mean lgt_reg of six calls,
+    with the 5->5 source at one location per image drawn from the generator."""
+    b, d = 6, 8
+    f1, f2 = _feats(b, d, 1), _feats(b, d, 2)
+    nce = lambda s, t, p: nce_loss_reference(s, t, p, tclip=20.0, reg_weight=0.05)
+    total, parts = MultiscaleNCE(nce)(f1, f2, torch.Generator().manual_seed(7))
+
+    g = torch.Generator().manual_seed(7)
+    idx = torch.arange(b)
+    expect, regs = 0.0, []
+    for (sv, tv) in ((f1, f2), (f2, f1)):
+        for src, trg in ((sv[0].flatten(1), _targets(tv[1])), (sv[0].flatten(1), _targets(tv[2]))):
+            loss, reg = nce(src, trg, idx)
+            expect, regs = expect + 0.5 * loss, regs + [reg]
+    for (sv, tv) in ((f1, f2), (f2, f1)):
+        loc = torch.randint(25, (b,), generator=g)
+        loss, reg = nce(_targets(sv[1])[idx, loc], _targets(tv[1]), idx)
+        expect, regs = expect + 0.5 * loss, regs + [reg]
+    expect = expect + sum(regs) / 6
+    assert torch.allclose(total, expect, rtol=1e-12, atol=1e-12)
+    assert set(parts) == {"1t5", "1t7", "5t5", "lgt_reg"}
+
+
+def test_dense_objective_uses_every_location():
+    b, d = 3, 4
+    f1, f2 = _feats(b, d, 3), _feats(b, d, 4)
+    nce = lambda s, t, p: nce_loss_reference(s, t, p, tclip=None, reg_weight=0.0)
+    total, _ = MultiscaleNCE(nce, ("7t7",), dense=True)(f1, f2, torch.Generator())
+    pos = torch.arange(b).repeat_interleave(49)
+    expect = 0.5 * (nce(_targets(f1[2]).reshape(b * 49, d), _targets(f2[2]), pos)[0]
+                    + nce(_targets(f2[2]).reshape(b * 49, d), _targets(f1[2]), pos)[0])
+    assert torch.allclose(total, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_backend_matches_reference_objective():
+    f1, f2 = [[r.float().detach().requires_grad_() for r in _feats(5, 16, s)] for s in (5, 6)]
+    out = {}
+    for backend in ("reference", "fused"):
+        total, _ = MultiscaleNCE(nce_fn(backend, 20.0, 0.05), parse_costs("1t5,1t7,5t5,5t7"))(
+            f1, f2, torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad(total, f1 + f2)
+        out[backend] = (total, grads)
+    assert torch.allclose(out["fused"][0], out["reference"][0], rtol=1e-5)
+    for gf, gr in zip(out["fused"][1], out["reference"][1]):
+        assert torch.allclose(gf, gr, rtol=1e-4, atol=1e-6)
+
+
+def test_parse_costs_rejects_bad_names():
+    assert parse_costs("1t5, 7t7") == ("1t5", "7t7")
+    for bad in ("", "1t5,1t5", "1t9"):
+        with pytest.raises(ValueError, match="costs"):
+            parse_costs(bad)
+    with pytest.raises(ValueError, match="loss_backend"):
+        nce_fn("cuda", 20.0, 0.05)
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+def _images(n=4, h=20, w=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
+
+
+def test_two_views_shapes_range_and_determinism():
+    cfg = augment.AugmentConfig(size=32)
+    imgs = _images()
+    a = augment.two_views(imgs, cfg, torch.Generator().manual_seed(1))
+    b = augment.two_views(imgs, cfg, torch.Generator().manual_seed(1))
+    c = augment.two_views(imgs, cfg, torch.Generator().manual_seed(2))
+    assert a[0].shape == a[1].shape == (4, 3, 32, 32)
+    assert 0 <= float(a[0].min()) and float(a[0].max()) <= 1
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], a[1])
+
+
+def test_flip_is_shared_by_both_views():
+    """With crops and jitter switched off a view is the image or its mirror, and both views
+    of an image agree; over 64 images both outcomes occur."""
+    cfg = augment.AugmentConfig(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0, contrast=0,
+                                saturation=0, hue=0, p_gray=0)
+    imgs = _images(64, 16, 16)
+    x = augment.to_float(imgs)
+    v1, v2 = augment.two_views(imgs, cfg, torch.Generator().manual_seed(0))
+    flipped = [torch.allclose(v1[i], x[i].flip(-1), atol=1e-5) for i in range(64)]
+    same = [torch.allclose(v1[i], x[i], atol=1e-5) for i in range(64)]
+    assert all(f != s for f, s in zip(flipped, same))
+    assert 10 < sum(flipped) < 54
+    assert torch.allclose(v1, v2, atol=1e-5)
+
+
+def test_grayscale_and_hue_rotation():
+    cfg = augment.AugmentConfig(size=8, p_gray=1.0)
+    v1, _ = augment.two_views(_images(3, 8, 8), cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(v1[:, 0], v1[:, 1]) and torch.allclose(v1[:, 1], v1[:, 2])
+    x = augment.to_float(_images(2, 5, 5))
+    assert torch.allclose(augment.rotate_hue(x, torch.zeros(2)), x, atol=1e-5)
+    full_turn = augment.rotate_hue(x, torch.ones(2))
+    assert torch.allclose(full_turn, x, atol=1e-4)
+    half = augment.rotate_hue(x, torch.full((2,), 0.5))
+    assert not torch.allclose(half, x, atol=1e-2)
+    assert torch.allclose(augment.gray(half), augment.gray(x), atol=1e-4)   # hue keeps luma
+
+
+def test_rank_slices_equal_the_global_batch():
+    """K ranks each augmenting their rows draw exactly what one process draws for the batch."""
+    cfg = augment.AugmentConfig(size=12)
+    imgs = _images(6, 10, 10)
+    whole = augment.two_views(imgs, cfg, torch.Generator().manual_seed(3))
+    for rank in range(2):
+        part = augment.two_views(imgs[rank * 3:(rank + 1) * 3], cfg, torch.Generator().manual_seed(3), rank, 2)
+        for v_whole, v_part in zip(whole, part):
+            assert torch.allclose(v_whole[rank * 3:(rank + 1) * 3], v_part, atol=1e-6)
+
+
+def test_to_float_rejects_non_uint8():
+    with pytest.raises(ValueError, match="uint8"):
+        augment.to_float(torch.zeros(1, 3, 4, 4))
