@@ -113,11 +113,14 @@ def test_reference_backend_is_the_reference(estimator):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy warns on inf/NaN in masked-out lanes
 @pytest.mark.parametrize("estimator,neg_reduction", [("jsd", "softplus_sum"), ("dv", "logsumexp")])
 def test_from_triton_statistics(estimator, neg_reduction):
-    """The GPU path's forward: the Triton nce_fwd (interpreted) feeding the same composition."""
+    """The GPU path's forward: the Triton nce_fwd (on the GPU where there is one, else under the
+    interpreter) feeding the same composition."""
     from amdim_kernels.triton_nce_fwd import nce_fwd_triton
     src, trg, pos_idx = make(20, 9, 7, 24, torch.float32)
-    pos, neg_stat, _ = nce_fwd_triton(src.detach(), trg.detach(), pos_idx, 20.0, neg_reduction)
-    loss = estimator_loss(estimator, pos, neg_stat, trg.shape[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pos, neg_stat, _ = nce_fwd_triton(src.detach().to(device), trg.detach().to(device),
+                                      pos_idx.to(device), 20.0, neg_reduction)
+    loss = estimator_loss(estimator, pos, neg_stat, trg.shape[0]).cpu()
     ref, _ = ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator)
     torch.testing.assert_close(loss, ref.detach(), rtol=2e-5, atol=2e-6)
 

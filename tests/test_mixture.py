@@ -11,6 +11,8 @@ import torch
 
 import amdim_kernels as ak
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton kernels run
+
 # (N, B, L, D): ragged; N*k crosses the CPU kernel's 128-row tile for k >= 2 at N = 131.
 SHAPES = [(1, 1, 1, 3), (7, 7, 25, 13), (19, 23, 49, 37), (131, 11, 9, 5)]
 # (tau, alpha, detach_q, tclip): alpha None is 1 / tau, where q is optimal and detach_q is exact.
@@ -157,17 +159,19 @@ def test_opcheck(dtype, detach_q):
 @pytest.mark.parametrize("n,k,l", [(3, 1, 5), (4, 3, 70), (5, 4, 49)])
 @pytest.mark.parametrize("tau,alpha,detach_q", [(1.0, 1.0, True), (2.5, 0.2, False), (0.5, 0.0, False)])
 def test_triton_epilogue_matches_cpp(n, k, l, tau, alpha, detach_q):
-    """Under TRITON_INTERPRET=1 (tests/conftest.py); L = 70 takes two BLOCK_L chunks."""
+    """On the GPU where there is one, else under TRITON_INTERPRET=1 (tests/conftest.py), against
+    the C++ kernels on the CPU; L = 70 takes two BLOCK_L chunks."""
     from amdim_kernels import mixture
     from amdim_kernels.triton_mixture import mixture_bwd_triton, mixture_fwd_triton
     pos, neg_stat = epilogue_inputs(n, k, l)
     grad = torch.tensor(0.7)
-    loss = mixture_fwd_triton(pos, neg_stat, tau, alpha, detach_q)
-    torch.testing.assert_close(loss, mixture.mixture_fwd(pos, neg_stat, tau, alpha, detach_q),
-                               rtol=1e-6, atol=1e-7)
-    for got, want in zip(mixture_bwd_triton(grad, pos, neg_stat, tau, alpha, detach_q),
-                         mixture.mixture_bwd(grad, pos, neg_stat, tau, alpha, detach_q)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    want = (mixture.mixture_fwd(pos, neg_stat, tau, alpha, detach_q),
+            *mixture.mixture_bwd(grad, pos, neg_stat, tau, alpha, detach_q))
+    pos, neg_stat, grad = pos.to(DEVICE), neg_stat.to(DEVICE), grad.to(DEVICE)
+    got = (mixture_fwd_triton(pos, neg_stat, tau, alpha, detach_q),
+           *mixture_bwd_triton(grad, pos, neg_stat, tau, alpha, detach_q))
+    for name, x, y in zip(("loss", "grad pos", "grad neg_stat"), got, want):
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
 
 
 COMPILE_SM90 = textwrap.dedent("""
@@ -276,17 +280,11 @@ def test_unknown_backend():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("detach_q", [True, False])
-def test_cuda_epilogue_opcheck_and_matches_cpu(detach_q):
+def test_cuda_opcheck(detach_q):
+    """The registered CUDA kernels (the Triton epilogue) through the op, with opcheck."""
     from amdim_kernels import mixture
-    pos, neg_stat = epilogue_inputs(300, 4, 49)
-    grad = torch.tensor(0.7)
-    cpu = (mixture.mixture_fwd(pos, neg_stat, 1.5, 0.2, detach_q),
-           *mixture.mixture_bwd(grad, pos, neg_stat, 1.5, 0.2, detach_q))
-    pos, neg_stat, grad = pos.cuda(), neg_stat.cuda(), grad.cuda()
-    cuda = (mixture.mixture_fwd(pos, neg_stat, 1.5, 0.2, detach_q),
-            *mixture.mixture_bwd(grad, pos, neg_stat, 1.5, 0.2, detach_q))
-    for got, want in zip(cuda, cpu):
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-8)
+    pos, neg_stat = (x.cuda() for x in epilogue_inputs(300, 4, 49))
+    grad = torch.tensor(0.7, device="cuda")
     torch.library.opcheck(mixture.mixture_fwd, (pos.requires_grad_(), neg_stat.requires_grad_(),
                                                 1.5, 0.2, detach_q))
     torch.library.opcheck(mixture.mixture_bwd, (grad, pos.detach(), neg_stat.detach(), 1.5, 0.2, detach_q))
