@@ -112,6 +112,16 @@ def test_split_columns_covers_every_column(n, m):
     assert (splits - 1) * cols < m <= splits * cols   # covers M, and no split is empty
 
 
+def test_prune_drops_only_deep_chunks_of_exact_fp32():
+    def kept(dtype, precision):
+        args = {"src_ptr": torch.empty(0, dtype=dtype)}
+        return tnf.prune_configs(tnf._GPU_CONFIGS, args, INPUT_PRECISION=precision)
+    assert kept(torch.bfloat16, "ieee") == kept(torch.float32, "tf32") == tnf._GPU_CONFIGS
+    exact = kept(torch.float32, "ieee")
+    assert exact and all(c.kwargs["BLOCK_D"] <= 64 for c in exact)
+    assert len(exact) < len(tnf._GPU_CONFIGS)
+
+
 def test_rejects_float64():
     src, trg, pos_idx = make_inputs(4, 2, 3, 8, torch.float64)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
@@ -125,6 +135,7 @@ def test_rejects_float64():
 # report registers and spills).
 _COMPILE_SCRIPT = textwrap.dedent(r"""
     import contextlib, io, json, re, sys
+    import torch
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
@@ -166,9 +177,11 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
             variants += [dict(CLIP=True, NEG_LSE=True, FIXED_SHIFT=False, ONE_CHUNK=True),
                          dict(CLIP=True, NEG_LSE=True, FIXED_SHIFT=True, ONE_CHUNK=False),
                          dict(CLIP=True, NEG_LSE=False, FIXED_SHIFT=False, ONE_CHUNK=False)]
-        for cfg in tnf.CONFIGS:
-            for variant in variants:
-                for prec in (["ieee", "tf32"] if dtype == "fp32" else ["ieee"]):
+        src = {"src_ptr": torch.empty(0, dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                "fp32": torch.float32}[dtype])}
+        for prec in (["ieee", "tf32"] if dtype == "fp32" else ["ieee"]):
+            for cfg in tnf.prune_configs(tnf.CONFIGS, src, INPUT_PRECISION=prec):
+                for variant in variants:
                     consts = dict(variant, INPUT_PRECISION=prec, UPCAST=False, **cfg.kwargs)
                     res = compile_one(split, types, consts, divisible, cfg.num_warps, cfg.num_stages)
                     out.append(dict(kernel="split", dtype=dtype, config=cfg.kwargs, num_warps=cfg.num_warps,
@@ -200,8 +213,9 @@ def sm90_builds(tmp_path_factory):
 
 def test_every_config_compiles_for_sm90(sm90_builds):
     split = [r for r in sm90_builds if r["kernel"] == "split"]
-    # per config: bf16 x 4 constexpr variants, fp16, fp32 ieee, fp32 tf32
-    assert len(split) == 7 * len(tnf._GPU_CONFIGS)
+    # per config: bf16 x 4 constexpr variants, fp16, fp32 tf32, and fp32 ieee where not pruned
+    exact_fp32 = tnf.prune_configs(tnf._GPU_CONFIGS, {"src_ptr": torch.empty(0)}, INPUT_PRECISION="ieee")
+    assert len(split) == 6 * len(tnf._GPU_CONFIGS) + len(exact_fp32)
     for r in sm90_builds:
         assert r["cubin"] > 0, r
         assert r["shared"] <= 227 * 1024, r         # an H100 block's shared-memory limit
@@ -211,7 +225,7 @@ def test_every_config_compiles_for_sm90(sm90_builds):
 def test_16bit_configs_barely_spill_on_sm90(sm90_builds):
     # bf16 / fp16 are the production dtypes: a few words of spill (seen: <= 16 B) cost nothing,
     # the ~1 KB that 128 x 128 tiles spilled would. fp32 is not held to this: its ieee dot runs on
-    # FMA units and needs far more registers (it spills up to ~0.8 KB; tf32 spills <= ~20 B).
+    # FMA units and needs far more registers (it spills up to ~0.8 KB; tf32 up to 64 B).
     spilled = [r for r in sm90_builds if r["spills"] > 32 and r.get("dtype") in ("bf16", "fp16")]
     assert not spilled, spilled
 
