@@ -326,3 +326,20 @@ def test_torch_compile_fullgraph():
     ref_grads = torch.autograd.grad(ref_loss + ref_reg, (src_mix, trg))
     torch.testing.assert_close(out, ref_loss + ref_reg, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(grads, ref_grads, rtol=2e-5, atol=2e-6)
+
+
+def test_bench_quick_writes_json_and_markdown(tmp_path):
+    import json
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_mixture.py"),
+                           "--quick", "--losses", "mixture", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert {"device", "torch", "triton", "git_commit"} <= set(result["env"])
+    assert [(r["variant"], r["mode"], r["status"]) for r in result["records"]] == [
+        ("reference", "fwd", "ok"), ("fused", "fwd", "ok"), ("reference", "fwd+bwd", "ok"),
+        ("fused", "fwd+bwd", "ok")]
+    assert [s["mode"] for s in result["summary"]] == ["fwd", "fwd+bwd"]
+    assert "| mixture | fwd+bwd | fused |" in out.with_suffix(".md").read_text()
