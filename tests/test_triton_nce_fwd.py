@@ -232,16 +232,27 @@ def test_16bit_configs_barely_spill_on_sm90(sm90_builds):
 
 # ---------------------------------------------------------------------------------------------
 # On a GPU: accuracy against float64, and no N x M buffer.
-GPU_SHAPES = [(300, 37, 49, 257), (129, 1, 25, 64), (70, 300, 25, 1030)]
-GPU_DTYPES = [(torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, None),
-              (torch.float16, None)]
+# (N, B, L, D, dtype, fp32 matmul precision, tclip, neg_reduction): every dtype / precision on a
+# ragged shape, D = 64 (one chunk), D = 1030 (many chunks, ragged), B == 1, both reductions; a
+# short list, because each new combination of constexprs autotunes and compiles every config.
+GPU_CASES = [
+    (300, 37, 49, 257, torch.float32, "highest", 20.0, "logsumexp"),
+    (300, 37, 49, 257, torch.float32, "high", 20.0, "logsumexp"),
+    (300, 37, 49, 257, torch.bfloat16, None, 20.0, "logsumexp"),
+    (300, 37, 49, 257, torch.float16, None, 20.0, "logsumexp"),
+    (300, 37, 49, 257, torch.bfloat16, None, None, "logsumexp"),
+    (300, 37, 49, 257, torch.float32, "high", 10.0, "softplus_sum"),
+    (70, 300, 25, 1030, torch.float32, "highest", None, "logsumexp"),
+    (70, 300, 25, 1030, torch.bfloat16, None, 20.0, "softplus_sum"),
+    (513, 130, 49, 64, torch.bfloat16, None, 20.0, "logsumexp"),
+    (513, 130, 49, 64, torch.float16, None, None, "softplus_sum"),
+    (129, 1, 25, 64, torch.bfloat16, None, 20.0, "logsumexp"),
+    (129, 1, 25, 64, torch.float32, "highest", None, "softplus_sum"),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,b,l,d", GPU_SHAPES)
-@pytest.mark.parametrize("dtype,precision", GPU_DTYPES)
-@pytest.mark.parametrize("tclip", [20.0, None])
-@pytest.mark.parametrize("neg_reduction", REDUCTIONS)
+@pytest.mark.parametrize("n,b,l,d,dtype,precision,tclip,neg_reduction", GPU_CASES)
 def test_gpu_error_within_torch_error(n, b, l, d, dtype, precision, tclip, neg_reduction,
                                       fp32_precision):
     """The fused kernel is no less accurate than plain torch in the same dtype (matmul in that
