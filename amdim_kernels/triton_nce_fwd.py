@@ -4,7 +4,8 @@ matrix a = src @ trg_flat^T / sqrt(D) without ever storing it.
 Two kernels:
 - `_nce_fwd_split_kernel`, grid (row blocks, column splits): each program walks its share of the
   M = B*L columns in BLOCK_M tiles, forms each BLOCK_N x BLOCK_M tile of `a` with tl.dot over D in
-  BLOCK_D chunks (fp32 accumulation), scatters the positives into `pos`, and keeps per-row partial
+  BLOCK_D chunks, or in one dot with the row block kept loaded when D <= BLOCK_D (fp32
+  accumulation either way), scatters the positives into `pos`, and keeps per-row partial
   statistics of its negatives (logsumexp as (max, sum of exp) or a sum of softplus) and of a^2;
 - `_nce_fwd_merge_kernel`, grid (row blocks): merges the per-split partials of each row.
 Splitting the columns matters because N is often a few hundred rows while M is tens of thousands:
