@@ -52,6 +52,13 @@ def nonneg_float(s):
     return v
 
 
+def costs_arg(s):
+    try:
+        return parse_costs(s)
+    except ValueError as e:   # argparse only reports the text of ArgumentTypeError
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m amdim.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, choices=ENCODER_SIZES, default=None,
                    help="encoder input size; default: 32 for digits/CIFAR, 64 for STL-10 and folders")
     g = p.add_argument_group("model")
-    g.add_argument("--ndf", type=positive_int, default=32, help="base channel width of the encoder")
-    g.add_argument("--n-rkhs", type=positive_int, default=256, help="embedding size of r1, r5, r7")
+    g.add_argument("--ndf", type=positive_int, default=16, help="base channel width of the encoder")
+    g.add_argument("--n-rkhs", type=positive_int, default=128, help="embedding size of r1, r5, r7")
     g.add_argument("--n-depth", type=positive_int, default=1, help="residual layers per encoder stage")
     g.add_argument("--use-bn", action="store_true", help="batch norm inside the encoder trunk")
     g = p.add_argument_group("objective")
-    g.add_argument("--costs", type=parse_costs, default=DEFAULT_COSTS,
+    g.add_argument("--costs", type=costs_arg, default=DEFAULT_COSTS,
                    help=f"comma-separated NCE costs, from {','.join(COSTS)} (src scale 't' trg scale)")
     g.add_argument("--dense", action="store_true",
                    help="5x5/7x7 sources use every location (N = B*25 or B*49) instead of one per image")
@@ -76,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-backend", choices=LOSS_BACKENDS, default="fused",
                    help="fused: amdim_kernels' kernels for the device; reference: plain PyTorch")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=12)
-    g.add_argument("--batch-size", type=positive_int, default=128,
+    g.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=64,
                    help="GLOBAL batch size (split evenly over torchrun processes)")
-    g.add_argument("--lr", type=positive_float, default=2e-3)
+    g.add_argument("--lr", type=positive_float, default=5e-4, help="Adam learning rate (encoder and online classifiers)")
     g.add_argument("--steps-per-epoch", type=positive_int, default=None,
                    help="cap on steps per epoch (default: one pass over the training set)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and sampling")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
@@ -281,7 +288,10 @@ def _train(args, rank, world, local_rank):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp = amp_dtype(args.amp, device)
-    ds = data.load(args.dataset, args.data_path, args.image_size)
+    try:
+        ds = data.load(args.dataset, args.data_path, args.image_size)
+    except (ValueError, FileNotFoundError) as e:   # the loaders' messages name the path and format
+        raise SystemExit(f"error: {e}") from None
     size = args.image_size or data.NATURAL_SIZE[args.dataset]
     local_b = args.batch_size // world
     n_train = len(ds.train)

@@ -1,0 +1,150 @@
+"""amdim.train end to end on the built-in digits with a tiny encoder: learning, checkpoints,
+exact resume, signals, non-finite stops, CLI errors; and amdim.evaluate's linear probe."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from amdim import evaluate, train
+
+TINY = ["--ndf", "4", "--n-rkhs", "16", "--n-depth", "1", "--batch-size", "32", "--no-eval", "--log-every", "1"]
+
+
+def _run(tmp_path, *extra, name="run"):
+    args = train.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path / name), *extra])
+    return train.run(args), tmp_path / name
+
+
+def _train_records(out_dir):
+    with open(out_dir / train.METRICS) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def test_short_training_lowers_the_nce_loss(tmp_path):
+    summary, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "24", "--lr", "2e-3")
+    losses = summary["losses"]
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0
+    rec = _train_records(out)
+    assert {"1t5", "1t7", "5t5", "lgt_reg", "images_per_s", "cls_acc_lin"} <= set(rec[0])
+
+
+def test_checkpoint_round_trip_and_exact_resume(tmp_path):
+    common = ["--steps-per-epoch", "2", "--seed", "5"]
+    full, _ = _run(tmp_path, "--epochs", "3", *common, name="full")
+    first, out = _run(tmp_path, "--epochs", "1", *common, name="part")
+    assert first["losses"] == full["losses"][:2]
+    ck_path = out / train.CHECKPOINT
+    ck = torch.load(ck_path, weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (1, 0) and not list(out.glob("*.tmp*"))
+    rest, _ = _run(tmp_path, "--epochs", "3", *common, "--resume", str(ck_path), name="part")
+    assert rest["losses"] == full["losses"][2:]          # bit-identical continuation
+    assert len(set(full["losses"])) == 6
+    # the checkpoint holds the trained weights: a fresh model loaded from it gives the same features
+    model = train.AMDIM(32, 4, 16, 1, False, 10)
+    model.load_state_dict(torch.load(out / train.CHECKPOINT, weights_only=False)["model"])
+    assert torch.isfinite(model.encoder(torch.zeros(2, 3, 32, 32))[0]).all()
+
+
+def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
+    common = ["--epochs", "2", "--steps-per-epoch", "4", "--seed", "1"]
+    full, _ = _run(tmp_path, *common, name="full")
+    # interrupt after the third step; the handler saves at the next step boundary
+    orig_write = train.MetricsLog.write
+
+    def write(self, record, step):
+        orig_write(self, record, step)
+        if record["kind"] == "train" and record["global_step"] == 3:
+            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+            threading.Event().wait(0.5)   # let the signal land before the next step starts
+    train.MetricsLog.write = write
+    try:
+        with pytest.raises(train.Stop) as stop:
+            _run(tmp_path, *common, name="cut")
+    finally:
+        train.MetricsLog.write = orig_write
+    assert stop.value.code == 128 + signal.SIGINT and "SIGINT" in str(stop.value)
+    ck = torch.load(tmp_path / "cut" / train.CHECKPOINT, weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (0, 3)
+    rest, _ = _run(tmp_path, *common, "--resume", str(tmp_path / "cut" / train.CHECKPOINT), name="cut")
+    assert rest["losses"] == full["losses"][3:]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "2")
+    ck_path = out / train.CHECKPOINT
+    before = ck_path.read_bytes()
+    # an absurd learning rate overflows the weights after one step
+    with pytest.raises(train.Stop) as stop:
+        _run(tmp_path, "--epochs", "2", "--steps-per-epoch", "2", "--lr", "1e30", "--resume", str(ck_path))
+    assert stop.value.code == train.EXIT_NON_FINITE
+    assert "non-finite" in str(stop.value) and str(ck_path) in str(stop.value)
+    assert ck_path.read_bytes() == before
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "amdim.train", *argv], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+
+
+def test_help_documents_every_option():
+    parser = train.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+            assert action.option_strings[0] in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--lr", "-1"], "--lr: must be a positive finite number"),
+    (["--costs", "1t5,9t9"], "costs must be a comma-separated list"),
+    (["--dataset", "mnist"], "--dataset: invalid choice"),
+    (["--image-size", "48"], "--image-size: invalid choice"),
+    (["--loss-backend", "gpu"], "--loss-backend: invalid choice"),
+])
+def test_cli_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.build_parser().parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_argument(tmp_path):
+    bad = _cli("--costs", "1t5,9t9", "--out-dir", str(tmp_path))
+    assert bad.returncode == 2 and "--costs" in bad.stderr and "9t9" in bad.stderr
+    cases = [
+        (["--dataset", "cifar10", "--data-path", str(tmp_path / "none")], "none"),
+        (["--dataset", "cifar10"], "needs --data-path"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--batch-size", "5000"], "--batch-size 5000 exceeds"),
+        (["--resume", str(tmp_path / "missing.pt")], "--resume"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            _run(tmp_path, *argv)
+        assert message in str(e.value)
+
+
+def test_linear_probe_separates_informative_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    informative = torch.randn(300, 20, generator=g) + 3 * torch.nn.functional.one_hot(y, 20).float()
+    noise = torch.randn(300, 20, generator=g)
+    good = evaluate.linear_probe(informative[:200], y[:200], informative[200:], y[200:], 3)
+    bad = evaluate.linear_probe(noise[:200], y[:200], noise[200:], y[200:], 3)
+    assert good["test_top1"] > 0.85 and bad["test_top1"] < 0.55
+
+
+def test_evaluate_cli_on_a_checkpoint(tmp_path):
+    _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
+    res = evaluate.evaluate(str(out / train.CHECKPOINT), "trained")
+    assert res["n_test"] == 364 and res["feature_dim"] == 16 and 0.0 <= res["test_top1"] <= 1.0
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        evaluate.evaluate(str(tmp_path / "nope.pt"))
