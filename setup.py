@@ -26,6 +26,7 @@ setup(
     python_requires=">=3.9",
     # torch is deliberately not listed: pip must never swap the user's torch build.
     install_requires=["ninja", "numpy"],
-    extras_require={"test": ["pytest"], "triton": ["triton"]},
+    # triton: the tests run the Triton kernels under its CPU interpreter and compile them for sm_90
+    extras_require={"test": ["pytest", "triton", "scikit-learn", "pillow"], "triton": ["triton"]},
     cmdclass={"build_py": BuildPyWithSources},
 )
