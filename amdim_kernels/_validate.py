@@ -37,8 +37,13 @@ def check_options(tclip, reg_weight) -> None:
         raise ValueError(f"reg_weight must be a finite float >= 0, got {reg_weight!r}")
 
 
-def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight):
-    """Validate the arguments of the NCE loss; return pos_idx as an int64 tensor on src's device."""
+def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, check_range=True):
+    """Validate the arguments of the NCE loss; return pos_idx as an int64 tensor on src's device.
+
+    check_range=False leaves the pos_idx range to check_fused_outputs: the fused kernels never
+    index memory with pos_idx (they compare it with column samples), so one device read after
+    the kernel can cover both the range and the finiteness checks.
+    """
     check_tensor(src, "src", 2, "(N, D)")
     check_tensor(trg, "trg", 3, "(B, L, D)")
     if src.dtype != trg.dtype:
@@ -70,11 +75,15 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight):
     if pos_idx.device != src.device:
         raise ValueError(f"pos_idx must be on the same device as src ({src.device}), "
                          f"got {pos_idx.device}")
-    if not _tracing():
-        lo, hi = int(pos_idx.min()), int(pos_idx.max())
-        if lo < 0 or hi >= b:
-            raise ValueError(f"pos_idx values must lie in [0, B) = [0, {b}), got values in [{lo}, {hi}]")
+    if check_range and not _tracing():
+        _check_range(pos_idx, b)
     return pos_idx.long()
+
+
+def _check_range(pos_idx, b):
+    lo, hi = int(pos_idx.min()), int(pos_idx.max())
+    if lo < 0 or hi >= b:
+        raise ValueError(f"pos_idx values must lie in [0, B) = [0, {b}), got values in [{lo}, {hi}]")
 
 
 def raise_non_finite(**tensors) -> None:
@@ -86,7 +95,14 @@ def raise_non_finite(**tensors) -> None:
                      "but too large in magnitude")
 
 
-def check_finite_scores(sumsq: torch.Tensor, **tensors) -> None:
-    """sum(a^2) is finite iff every raw score is: one scalar read covers all N*M scores."""
-    if not _tracing() and not bool(torch.isfinite(sumsq)):
+def check_fused_outputs(pos_idx: torch.Tensor, b: int, sumsq: torch.Tensor, **tensors) -> None:
+    """After a fused kernel: pos_idx in [0, B), and finite scores. sum(a^2) is finite iff every raw
+    score is, so one read of two flags from the device covers all N*M scores and the indices."""
+    if _tracing():
+        return
+    bad_index, bad_scores = torch.stack([((pos_idx < 0) | (pos_idx >= b)).any(),
+                                         ~torch.isfinite(sumsq)]).tolist()
+    if bad_index:
+        _check_range(pos_idx, b)
+    if bad_scores:
         raise_non_finite(**tensors)

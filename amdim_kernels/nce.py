@@ -54,7 +54,9 @@ def fused_nce_loss(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05, estim
     inputs), differentiable with respect to src and trg. With B == 1 (no negative pairs) "nce"
     gives 0, "jsd" keeps only its positive term and "dv" raises ValueError.
     """
-    pos_idx = _validate.check_nce_inputs(src, trg, pos_idx, tclip, reg_weight)
+    # the fused kernels only compare pos_idx with column samples: its range is checked afterwards
+    pos_idx = _validate.check_nce_inputs(src, trg, pos_idx, tclip, reg_weight,
+                                         check_range=backend == "reference")
     check_estimator(estimator, trg.shape[0])
     backend = resolve_backend(backend, src.device)
     if backend == "reference":
@@ -62,9 +64,9 @@ def fused_nce_loss(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05, estim
                                   estimator=estimator)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
-    _validate.check_finite_scores(sumsq, src=src, trg=trg)
+    _validate.check_fused_outputs(pos_idx, trg.shape[0], sumsq, src=src, trg=trg)
     loss = estimator_loss(estimator, pos, neg_stat, trg.shape[0])
-    lgt_reg = sumsq * (reg_weight / pos.new_tensor(trg.shape[0] * pos.numel()))
+    lgt_reg = sumsq * (reg_weight / (trg.shape[0] * pos.numel()))
     return loss, lgt_reg
 
 
@@ -104,7 +106,7 @@ def fused_mixture_nce_loss(src_mix, trg, pos_idx=None, *, tau=1.0, alpha=None, d
     # Component rows r = i*k + j go through the same tiled pass as plain sources.
     pos, lse_neg, sumsq = nce_statistics(src_mix.reshape(n * k, d), trg,
                                          pos_idx.repeat_interleave(k), tclip, "logsumexp")
-    _validate.check_finite_scores(sumsq, src_mix=src_mix, trg=trg)
+    _validate.check_fused_outputs(pos_idx, trg.shape[0], sumsq, src_mix=src_mix, trg=trg)
     loss = mixture.mixture_fwd(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha, detach_q)
-    lgt_reg = sumsq * (reg_weight / pos.new_tensor(trg.shape[0] * pos.numel()))
+    lgt_reg = sumsq * (reg_weight / (trg.shape[0] * pos.numel()))
     return loss, lgt_reg
