@@ -99,7 +99,8 @@ def evaluate(checkpoint: str, features="trained", data_path=None, device="auto",
         tr, te = pixels(labeled, size), pixels(ds.test, size)
     else:
         torch.manual_seed(seed)
-        model = AMDIM(size, a["ndf"], a["n_rkhs"], a["n_depth"], a["use_bn"], ck["n_classes"]).to(dev)
+        model = AMDIM(size, a["ndf"], a["n_rkhs"], a["n_depth"], a["use_bn"], ck["n_classes"],
+                      a.get("n_mix", 1)).to(dev)
         if features == "trained":
             model.load_state_dict(ck["model"])
         mean, std = (t.to(dev) for t in ck["norm"])

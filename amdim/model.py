@@ -155,20 +155,39 @@ class OnlineClassifiers(nn.Module):
         return self.mlp(ftr), self.linear(ftr)
 
 
-class AMDIM(nn.Module):
-    """Encoder plus online classifiers; one module so DDP wraps (and syncs) both."""
+class MixtureHead(nn.Module):
+    """m_k(f1) of AMDIM (sec. 3.5): k mixture components of the global feature, each f1 plus the
+    output of a one-hidden-layer ReLU MLP (the residual keeps every component near f1 at first)."""
 
-    def __init__(self, image_size=32, ndf=64, n_rkhs=512, n_depth=3, use_bn=False, n_classes=10):
+    def __init__(self, n_rkhs, k):
+        super().__init__()
+        self.k = k
+        self.hidden = nn.Linear(n_rkhs, n_rkhs)
+        self.out = nn.Linear(n_rkhs, k * n_rkhs)
+
+    def forward(self, f1):
+        n, d = f1.shape
+        return f1[:, None] + self.out(F.relu(self.hidden(f1))).view(n, self.k, d)
+
+
+class AMDIM(nn.Module):
+    """Encoder plus online classifiers (and the mixture head when n_mix > 1); one module so DDP
+    wraps, and checkpoints hold, all of them."""
+
+    def __init__(self, image_size=32, ndf=64, n_rkhs=512, n_depth=3, use_bn=False, n_classes=10, n_mix=1):
         super().__init__()
         self.encoder = Encoder(image_size, ndf, n_rkhs, n_depth, use_bn)
         self.classifiers = OnlineClassifiers(n_rkhs, n_classes) if n_classes > 0 else None
+        self.mixture = MixtureHead(n_rkhs, n_mix) if n_mix > 1 else None
 
     def forward(self, x1, x2):
         """Encode both views in one pass (so BatchNorm sees both); classify view 1's global feature.
 
-        Returns ((r1, r5, r7) of x1, (r1, r5, r7) of x2), (mlp logits, linear logits)."""
+        Returns (feats of x1, feats of x2), (mlp logits, linear logits); feats is (r1, r5, r7),
+        plus the (B, k, n_rkhs) mixture components of r1 when n_mix > 1."""
         r1, r5, r7 = self.encoder(torch.cat([x1, x2]))
         b = x1.shape[0]
-        feats1, feats2 = (r1[:b], r5[:b], r7[:b]), (r1[b:], r5[b:], r7[b:])
+        feats = [r1, r5, r7] + ([self.mixture(r1.flatten(1))] if self.mixture is not None else [])
+        feats1, feats2 = tuple(f[:b] for f in feats), tuple(f[b:] for f in feats)
         logits = self.classifiers(r1[:b]) if self.classifiers is not None else None
         return (feats1, feats2), logits

@@ -16,15 +16,32 @@ from .distributed import gather_rows, world_info
 COSTS = ("1t5", "1t7", "5t5", "5t7", "7t7")
 DEFAULT_COSTS = ("1t5", "1t7", "5t5")
 LOSS_BACKENDS = ("reference", "fused")
+ESTIMATORS = ("nce", "jsd", "dv")
 
 
-def nce_fn(loss_backend: str, tclip: float | None, reg_weight: float):
-    """Return f(src, trg, pos_idx) -> (loss, lgt_reg) through the public API of amdim_kernels:
-    "reference" is the plain PyTorch loss, "fused" the kernels chosen for the tensors' device."""
+def _backend(loss_backend):
     if loss_backend not in LOSS_BACKENDS:
         raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {loss_backend!r}")
-    backend = "reference" if loss_backend == "reference" else "auto"
-    return lambda s, t, p: ak.fused_nce_loss(s, t, p, tclip=tclip, reg_weight=reg_weight, backend=backend)
+    return "reference" if loss_backend == "reference" else "auto"
+
+
+def nce_fn(loss_backend: str, tclip: float | None, reg_weight: float, estimator: str = "nce"):
+    """Return f(src, trg, pos_idx) -> (loss, lgt_reg) through the public API of amdim_kernels:
+    "reference" is the plain PyTorch loss, "fused" the kernels chosen for the tensors' device.
+    estimator: "nce" (AMDIM), or DIM's "jsd" / "dv" bounds over the same positive/negative pairs."""
+    backend = _backend(loss_backend)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return lambda s, t, p: ak.fused_nce_loss(s, t, p, tclip=tclip, reg_weight=reg_weight,
+                                             estimator=estimator, backend=backend)
+
+
+def mixture_fn(loss_backend: str, tclip: float | None, reg_weight: float, tau: float = 1.0,
+               alpha: float | None = None, detach_q: bool = True):
+    """Return f(src_mix (N, k, D), trg, pos_idx) -> (loss, lgt_reg): the mixture NCE loss."""
+    backend = _backend(loss_backend)
+    return lambda s, t, p: ak.fused_mixture_nce_loss(s, t, p, tau=tau, alpha=alpha, detach_q=detach_q,
+                                                     tclip=tclip, reg_weight=reg_weight, backend=backend)
 
 
 def parse_costs(spec: str) -> tuple[str, ...]:
@@ -48,10 +65,12 @@ class MultiscaleNCE:
     location per image is drawn uniformly from `generator`, which must be seeded the same on every
     rank: locations are drawn for the global batch and each rank takes its slice, so a K-rank run
     draws exactly what a 1-rank run on the global batch draws.
+    `mixture` (a mixture_fn): the 1->L costs use the k mixture components of r1 (the 4th feature)
+    as sources, as in AMDIM's mixture-based representations.
     """
 
-    def __init__(self, nce, costs=DEFAULT_COSTS, dense=False):
-        self.nce, self.costs, self.dense = nce, tuple(costs), dense
+    def __init__(self, nce, costs=DEFAULT_COSTS, dense=False, mixture=None):
+        self.nce, self.costs, self.dense, self.mixture = nce, tuple(costs), dense, mixture
 
     def _sources(self, r, scale, rank, world, generator):
         b, d = r.shape[:2]
@@ -71,6 +90,8 @@ class MultiscaleNCE:
         Returns (total, parts) where parts maps each cost name and 'lgt_reg' to a detached scalar.
         """
         rank, world = world_info()
+        if self.mixture is not None and (len(feats1) != 4 or len(feats2) != 4):
+            raise ValueError("the mixture objective needs (r1, r5, r7, r1 mixture components) per view")
         by_scale = ({1: feats1[0], 5: feats1[1], 7: feats1[2]}, {1: feats2[0], 5: feats2[1], 7: feats2[2]})
         targets = {}   # (view, scale) -> gathered (B_global, L, D); reused across costs
         parts, regs, total = {}, [], 0.0
@@ -83,7 +104,11 @@ class MultiscaleNCE:
                 if key not in targets:
                     targets[key] = gather_rows(as_targets(by_scale[trg_view][t_scale]))
                 b_local = by_scale[src_view][s_scale].shape[0]
-                loss, reg = self.nce(src, targets[key], row_sample + rank * b_local)
+                if s_scale == 1 and self.mixture is not None:
+                    src_mix = (feats1, feats2)[src_view][3]
+                    loss, reg = self.mixture(src_mix, targets[key], row_sample + rank * b_local)
+                else:
+                    loss, reg = self.nce(src, targets[key], row_sample + rank * b_local)
                 cost_loss = cost_loss + 0.5 * loss
                 regs.append(reg)
             parts[cost] = cost_loss.detach()

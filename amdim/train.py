@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from . import augment, data
 from .distributed import convert_batchnorm
 from .model import ENCODER_SIZES, AMDIM
-from .objective import COSTS, DEFAULT_COSTS, LOSS_BACKENDS, MultiscaleNCE, nce_fn, parse_costs
+from .objective import (COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, MultiscaleNCE, mixture_fn, nce_fn,
+                        parse_costs)
 
 EXIT_NON_FINITE = 3
 CHECKPOINT = "checkpoint.pt"
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reg-weight", type=nonneg_float, default=0.05, help="weight of the score regulariser")
     g.add_argument("--loss-backend", choices=LOSS_BACKENDS, default="fused",
                    help="fused: amdim_kernels' kernels for the device; reference: plain PyTorch")
+    g.add_argument("--estimator", choices=ESTIMATORS, default="nce",
+                   help="mutual-information bound: AMDIM's NCE, or DIM's Jensen-Shannon / Donsker-Varadhan")
+    g.add_argument("--n-mix", type=positive_int, default=1,
+                   help="mixture components of the global feature for the 1->5 / 1->7 costs (1: none)")
+    g.add_argument("--mix-tau", type=positive_float, default=1.0, help="mixture softmax temperature tau")
+    g.add_argument("--mix-alpha", type=nonneg_float, default=None,
+                   help="weight of the mixture entropy bonus (default 1/tau, which makes q optimal)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set")
     g.add_argument("--batch-size", type=positive_int, default=64,
@@ -281,6 +289,12 @@ def run(args) -> dict:
 
 
 def _train(args, rank, world, local_rank):
+    if args.n_mix > 1 and args.estimator != "nce":
+        raise SystemExit(f"error: --n-mix {args.n_mix} needs --estimator nce (the mixture loss is "
+                         f"defined for NCE), got --estimator {args.estimator}")
+    if args.n_mix > 1 and not any(c[0] == "1" for c in args.costs):
+        raise SystemExit(f"error: --n-mix {args.n_mix} mixes the global feature, but --costs "
+                         f"{','.join(args.costs)} has no 1->5 or 1->7 cost")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of "
                          f"processes ({world})")
@@ -304,7 +318,7 @@ def _train(args, rank, world, local_rank):
     seed_all(args.seed)
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(args.seed)
-    model = AMDIM(size, args.ndf, args.n_rkhs, args.n_depth, args.use_bn, ds.n_classes).to(device)
+    model = AMDIM(size, args.ndf, args.n_rkhs, args.n_depth, args.use_bn, ds.n_classes, args.n_mix).to(device)
     # per-channel statistics of the training images, for input normalisation
     probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))
     pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
@@ -330,7 +344,10 @@ def _train(args, rank, world, local_rank):
         convert_batchnorm(model)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    objective = MultiscaleNCE(nce_fn(args.loss_backend, args.tclip, args.reg_weight), args.costs, args.dense)
+    mixture = (mixture_fn(args.loss_backend, args.tclip, args.reg_weight, args.mix_tau, args.mix_alpha)
+               if args.n_mix > 1 else None)
+    objective = MultiscaleNCE(nce_fn(args.loss_backend, args.tclip, args.reg_weight, args.estimator),
+                              args.costs, args.dense, mixture)
     cfg = augment.AugmentConfig(size=size)
 
     os.makedirs(args.out_dir, exist_ok=True)

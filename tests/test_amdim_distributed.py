@@ -66,12 +66,15 @@ def test_two_processes_equal_one_process(tmp_path, backend):
     out = str(tmp_path / "result")
     mp.spawn(_worker, args=(2, _free_port(), backend, out), nprocs=2, join=True)
     ref_loss, ref_grads = _loss_and_grads(0, 1, backend)
+    # fp32 reductions run in a different order (split batch, all-reduced BatchNorm sums), so the
+    # absolute tolerance scales with the largest gradient; a missing cross-rank term is O(1) off
+    atol = 1e-5 * max(float(g.abs().max()) for g in ref_grads.values())
     for rank in range(2):
         loss, grads = torch.load(f"{out}.{rank}")
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
-            assert torch.allclose(g, ref_grads[name], rtol=1e-3, atol=1e-6), name
+            assert torch.allclose(g, ref_grads[name], rtol=1e-3, atol=atol), name
     # non-trivial gradients, so the comparison above has something to compare
     assert any(g.abs().sum() > 0 for g in ref_grads.values())
 

@@ -7,8 +7,8 @@ import torch
 
 from amdim import augment
 from amdim.model import AMDIM, Encoder
-from amdim.objective import MultiscaleNCE, nce_fn, parse_costs
-from amdim_kernels.reference import nce_loss_reference
+from amdim.objective import MultiscaleNCE, mixture_fn, nce_fn, parse_costs
+from amdim_kernels.reference import mixture_nce_loss_reference, nce_loss_reference
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
@@ -109,6 +109,39 @@ def test_fused_backend_matches_reference_objective():
         assert torch.allclose(gf, gr, rtol=1e-4, atol=1e-6)
 
 
+def test_mixture_sources_for_global_costs_only():
+    """With a mixture head the 1->5 cost uses the (B, k, D) components; 5->5 stays plain NCE."""
+    torch.manual_seed(0)
+    model = AMDIM(32, ndf=4, n_rkhs=8, n_depth=1, n_classes=0, n_mix=3).double()
+    (f1, f2), _ = model(torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64))
+    assert f1[3].shape == (4, 3, 8) and f2[3].shape == (4, 3, 8)
+    mix = mixture_fn("reference", 20.0, 0.05, tau=2.0)
+    total, _ = MultiscaleNCE(nce_fn("reference", 20.0, 0.05), ("1t5", "5t5"), mixture=mix)(
+        f1, f2, torch.Generator().manual_seed(0))
+    idx, g = torch.arange(4), torch.Generator().manual_seed(0)
+    expect, regs = 0.0, []
+    for sv, tv in ((f1, f2), (f2, f1)):
+        loss, reg = mixture_nce_loss_reference(sv[3], _targets(tv[1]), idx, tau=2.0)
+        expect, regs = expect + 0.5 * loss, regs + [reg]
+    for sv, tv in ((f1, f2), (f2, f1)):
+        loc = torch.randint(25, (4,), generator=g)
+        loss, reg = nce_loss_reference(_targets(sv[1])[idx, loc], _targets(tv[1]), idx)
+        expect, regs = expect + 0.5 * loss, regs + [reg]
+    assert torch.allclose(total, expect + sum(regs) / 4, rtol=1e-10)
+    with pytest.raises(ValueError, match="mixture components"):
+        MultiscaleNCE(nce_fn("reference", 20.0, 0.05), mixture=mix)(f1[:3], f2[:3], torch.Generator())
+
+
+@pytest.mark.parametrize("estimator", ["jsd", "dv"])
+def test_estimator_reaches_the_kernels(estimator):
+    f1, f2 = _feats(4, 8, 8), _feats(4, 8, 9)
+    src, trg = f1[0].flatten(1), _targets(f2[1])
+    got = nce_fn("fused", 20.0, 0.05, estimator)(src.float(), trg.float(), torch.arange(4))[0]
+    want = nce_loss_reference(src, trg, torch.arange(4), estimator=estimator)[0]
+    assert torch.allclose(got.double(), want, rtol=1e-4)
+    assert not torch.allclose(want, nce_loss_reference(src, trg, torch.arange(4))[0])
+
+
 def test_parse_costs_rejects_bad_names():
     assert parse_costs("1t5, 7t7") == ("1t5", "7t7")
     for bad in ("", "1t5,1t5", "1t9"):
@@ -116,6 +149,8 @@ def test_parse_costs_rejects_bad_names():
             parse_costs(bad)
     with pytest.raises(ValueError, match="loss_backend"):
         nce_fn("cuda", 20.0, 0.05)
+    with pytest.raises(ValueError, match="estimator"):
+        nce_fn("fused", 20.0, 0.05, "mine")
 
 
 # ---------------------------------------------------------------------------- augmentation

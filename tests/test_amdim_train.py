@@ -109,6 +109,8 @@ def test_help_documents_every_option():
     (["--dataset", "mnist"], "--dataset: invalid choice"),
     (["--image-size", "48"], "--image-size: invalid choice"),
     (["--loss-backend", "gpu"], "--loss-backend: invalid choice"),
+    (["--estimator", "mine"], "--estimator: invalid choice"),
+    (["--n-mix", "0"], "--n-mix: must be a positive integer"),
 ])
 def test_cli_rejects_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -125,6 +127,8 @@ def test_cli_errors_name_the_argument(tmp_path):
         (["--device", "tpu"], "--device 'tpu'"),
         (["--batch-size", "5000"], "--batch-size 5000 exceeds"),
         (["--resume", str(tmp_path / "missing.pt")], "--resume"),
+        (["--n-mix", "2", "--estimator", "dv"], "--n-mix 2 needs --estimator nce"),
+        (["--n-mix", "2", "--costs", "5t5"], "has no 1->5 or 1->7 cost"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
