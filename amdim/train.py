@@ -1,6 +1,6 @@
 """Train an AMDIM encoder: `python -m amdim.train [options]`, or on K processes
 `torchrun --nproc_per_node=K -m amdim.train [options]` (DistributedDataParallel; NCCL on GPUs,
-gloo on CPU). The defaults train on the built-in digits dataset on a 2-core CPU in about 10 minutes.
+gloo on CPU). The defaults train on the built-in digits dataset on a 2-core CPU in 3-10 minutes.
 
 Every rank scores its sources against the targets of the global batch (see amdim/objective.py),
 so K processes with --batch-size B train exactly as one process with --batch-size B would.
@@ -28,6 +28,8 @@ from .objective import (COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, Multisc
                         parse_costs)
 
 EXIT_NON_FINITE = 3
+# options that fix the shapes of the saved weights: --resume must be given the same ones
+ARCHITECTURE = ("dataset", "image_size", "ndf", "n_rkhs", "n_depth", "use_bn", "n_mix")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-depth", type=positive_int, default=1, help="residual layers per encoder stage")
     g.add_argument("--use-bn", action="store_true", help="batch norm inside the encoder trunk")
     g = p.add_argument_group("objective")
-    g.add_argument("--costs", type=costs_arg, default=DEFAULT_COSTS,
+    g.add_argument("--costs", type=costs_arg, default=",".join(DEFAULT_COSTS),
                    help=f"comma-separated NCE costs, from {','.join(COSTS)} (src scale 't' trg scale)")
     g.add_argument("--dense", action="store_true",
                    help="5x5/7x7 sources use every location (N = B*25 or B*49) instead of one per image")
@@ -330,6 +332,12 @@ def _train(args, rank, world, local_rank):
     start_epoch, start_step = 0, 0
     if args.resume:
         ck = load_checkpoint(args.resume)
+        saved = ck["args"]
+        differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r}"
+                  for k in ARCHITECTURE if saved.get(k, 1 if k == "n_mix" else None) != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"error: --resume {args.resume!r} was trained with different options: "
+                             + "; ".join(differ))
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         for group in optimizer.param_groups:   # the command line's lr wins over the saved one

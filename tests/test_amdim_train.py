@@ -43,6 +43,8 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     ck_path = out / train.CHECKPOINT
     ck = torch.load(ck_path, weights_only=False)
     assert (ck["epoch"], ck["step"]) == (1, 0) and not list(out.glob("*.tmp*"))
+    with pytest.raises(SystemExit, match="--ndf 4 .checkpoint. vs 8"):
+        _run(tmp_path, "--epochs", "3", *common, "--resume", str(ck_path), "--ndf", "8", name="other")
     rest, _ = _run(tmp_path, "--epochs", "3", *common, "--resume", str(ck_path), name="part")
     assert rest["losses"] == full["losses"][2:]          # bit-identical continuation
     assert len(set(full["losses"])) == 6
