@@ -63,8 +63,11 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
     def write(self, record, step):
         orig_write(self, record, step)
         if record["kind"] == "train" and record["global_step"] == 3:
-            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
-            threading.Event().wait(0.5)   # let the signal land before the next step starts
+            # a real asynchronous signal from another thread; after join() it is pending, and
+            # Python runs the handler in this (main) thread before the next step starts
+            sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            sender.start()
+            sender.join()
     train.MetricsLog.write = write
     try:
         with pytest.raises(train.Stop) as stop:
@@ -154,3 +157,13 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path):
     assert res["n_test"] == 364 and res["feature_dim"] == 16 and 0.0 <= res["test_top1"] <= 1.0
     with pytest.raises(SystemExit, match="no such checkpoint"):
         evaluate.evaluate(str(tmp_path / "nope.pt"))
+
+
+def test_progress_falls_back_to_lines_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)          # makes `from tqdm import tqdm` fail
+    bar = train.Progress(4, "epoch 1/1", True, log_every=2)
+    for _ in range(4):
+        bar.update(1, {"nce": 7.25, "img/s": 100.0})
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["epoch 1/1 2/4 nce=7.25 img/s=100", "epoch 1/1 4/4 nce=7.25 img/s=100"]
