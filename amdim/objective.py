@@ -85,7 +85,7 @@ class MultiscaleNCE:
         return flat[torch.arange(b, device=r.device), loc], torch.arange(b, device=r.device)
 
     def __call__(self, feats1, feats2, generator):
-        """feats1/feats2: (r1, r5, r7) of view 1 / view 2 for this rank's rows.
+        """feats1/feats2: (r1, r5, r7[, r1 mixture components]) of view 1 / view 2, this rank's rows.
 
         Returns (total, parts) where parts maps each cost name and 'lgt_reg' to a detached scalar.
         """
