@@ -28,10 +28,12 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # GPU tile configs, autotuned per (N, M, D, dtype, reduction, precision). The epilogue (clip,
-# masks, exp, the positive scatter) is register-hungry: 128 x 128 tiles spill even with 8 warps
-# (ptxas, sm_90), so every config keeps 32 scores per thread; BLOCK_D trades pipeline depth
-# against loads per dot. All fit shared memory in fp32 (checked by the sm_90
-# compile test in tests/test_triton_nce_fwd.py).
+# masks, exp, the positive scatter) is register-hungry: 64-row or 64-column tiles keep 32 scores
+# per thread and do not spill; 128 x 128 and 256 x 128 tiles spill a few hundred bytes (ptxas,
+# sm_90) but feed the tensor cores better and measured fastest on an H100 in bf16
+# (benchmarks/results/profile_h100.txt: S1 0.190 ms vs 0.230 ms, S2 6.75 ms vs 8.99 ms).
+# All fit shared memory (checked by the sm_90 compile test in tests/test_triton_nce_fwd.py).
+_LARGE_TILES = 128 * 128
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 32}, num_warps=8, num_stages=4),
@@ -41,15 +43,22 @@ _GPU_CONFIGS = [
     # D <= 128 in one chunk: the row block stays loaded and only trg tiles stream (ONE_CHUNK).
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=2),
+    # large tiles, 16-bit inputs only (see prune_configs)
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 256, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop BLOCK_D > 64 for exact fp32: its FMA-unit dot unrolls a 128-deep chunk into ~13 KB of
-    register spills per thread (ptxas, sm_90), where the other configs spill < 1 KB."""
-    if named_args["src_ptr"].dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee":
-        return [c for c in configs if c.kwargs["BLOCK_D"] <= 64]
-    return configs
+    """fp32 inputs keep the small tiles: their dots (ieee on FMA units, tf32x3 as three MMAs) need
+    far more registers, and exact fp32 drops BLOCK_D > 64, whose FMA-unit dot unrolls a 128-deep
+    chunk into ~13 KB of register spills per thread (ptxas, sm_90)."""
+    if named_args["src_ptr"].dtype != torch.float32:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] < _LARGE_TILES]
+    if kwargs["INPUT_PRECISION"] == "ieee":
+        return [c for c in small if c.kwargs["BLOCK_D"] <= 64]
+    return small
 
 
 # The interpreter rejects autotuning over 2+ configs; small tiles keep it fast on small shapes.
@@ -105,7 +114,7 @@ def _nce_fwd_split_kernel(
     CLIP: tl.constexpr,              # soft-clip the scores (tclip is not None)
     NEG_LSE: tl.constexpr,           # "logsumexp" (else "softplus_sum")
     FIXED_SHIFT: tl.constexpr,       # logsumexp shifted by tclip instead of a running max
-    INPUT_PRECISION: tl.constexpr,   # "ieee" or "tf32" (only matters for fp32 inputs)
+    INPUT_PRECISION: tl.constexpr,   # "ieee" or "tf32x3" (only matters for fp32 inputs)
     UPCAST: tl.constexpr,            # interpreter: its bf16 tl.dot is wrong, so dot in fp32
     ONE_CHUNK: tl.constexpr,         # D <= BLOCK_D (set by the heuristic from the config)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -239,7 +248,11 @@ def split_columns(n: int, m: int, device: torch.device) -> tuple[int, int]:
 
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
+        # tf32x3, not tf32: one tf32 MMA truncates its fp32 inputs, and on an H100 that made the
+        # negatives' logsumexp ~10x less accurate than cuBLAS's TF32 product (biased errors add up
+        # over M terms); three MMAs on the split operands are accurate to ~fp32 and still run on
+        # the tensor cores.
+        return "tf32x3"
     return "ieee"
 
 
