@@ -167,3 +167,19 @@ def test_progress_falls_back_to_lines_without_tqdm(monkeypatch, capsys):
     bar.close()
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["epoch 1/1 2/4 nce=7.25 img/s=100", "epoch 1/1 4/4 nce=7.25 img/s=100"]
+
+
+def test_trains_on_stl10_with_unlabeled_images_and_on_a_folder(tmp_path):
+    """The non-built-in formats run through the trainer: STL-10 96 px -> 64 px encoder with
+    unlabeled rows (label -1) left out of the classifier loss, and a folder of class subfolders."""
+    from test_amdim_data import _folder, _stl_dir
+    _stl_dir(tmp_path / "stl", n_train=3, n_test=2, n_unl=5)
+    summary, out = _run(tmp_path, "--dataset", "stl10", "--data-path", str(tmp_path / "stl"), "--batch-size", "4",
+                        "--epochs", "1", name="stl")
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    ck = torch.load(out / train.CHECKPOINT, weights_only=False)
+    assert ck["image_size"] == 64 and ck["model"]["classifiers.linear.weight"].shape == (10, 16)
+    _folder(tmp_path / "imgs", per_class=10)
+    summary, _ = _run(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", "32",
+                      "--batch-size", "8", "--epochs", "1", name="folder")
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
