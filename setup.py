@@ -25,8 +25,13 @@ setup(
     packages=find_packages(include=["amdim_kernels", "amdim_kernels.*", "amdim", "amdim.*"]),
     python_requires=">=3.9",
     # torch is deliberately not listed: pip must never swap the user's torch build.
-    install_requires=["ninja", "numpy"],
-    # triton: the tests run the Triton kernels under its CPU interpreter and compile them for sm_90
-    extras_require={"test": ["pytest", "triton", "scikit-learn", "pillow"], "triton": ["triton"]},
+    # ninja: the first-use build of csrc/; scikit-learn: the built-in digits dataset of amdim.train
+    install_requires=["ninja", "numpy", "scikit-learn"],
+    extras_require={
+        # triton: the tests run the Triton kernels under its CPU interpreter and compile them for sm_90
+        "test": ["pytest", "triton", "pillow"],
+        "triton": ["triton"],
+        "amdim": ["pillow", "tqdm"],   # image-folder datasets; a progress bar
+    },
     cmdclass={"build_py": BuildPyWithSources},
 )
