@@ -452,6 +452,8 @@ def _train(args, rank, world, local_rank):
             rec = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
                    "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                    "last_loss": summary["losses"][-1] if summary["losses"] else None}
+            if device.type == "cuda":
+                rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             if rank == 0 and not args.no_eval:
                 rec["test_acc_mlp"], rec["test_acc_lin"] = evaluate_online(model, ds.test, size, mean, std, device)
             log.write(rec, global_step)

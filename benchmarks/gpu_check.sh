@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine answers every GPU question: environment, build, GPU tests, benchmarks.
 # Usage (device tool, from the repo root):
-#   AMDIM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh [tests|bench|sweep|all]...
+#   AMDIM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh [tests|bench|mixture|train|sweep|all]...
 # Everything lands in $OUT (default benchmarks/results/gpu_<timestamp>/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,12 @@ if has tests; then
 fi
 if has bench; then
   timeout 300 python benchmarks/bench_nce.py --device cuda --tag h100 --out "$OUT/bench_nce_cuda.json" 2>&1 | tail -40
+fi
+if has mixture; then
+  timeout 200 python benchmarks/bench_mixture.py --device cuda --out "$OUT/bench_mixture_cuda.json" 2>&1 | tail -20
+fi
+if has train; then
+  bash benchmarks/train_gpu.sh 2>&1 | tee "$OUT/train_gpu.txt"
 fi
 if has sweep; then
   timeout 420 python benchmarks/bench_nce.py --device cuda --sweep --tag sweep --out "$OUT/bench_nce_cuda_sweep.json" 2>&1 | tail -30
