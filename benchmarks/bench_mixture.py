@@ -160,7 +160,7 @@ def environment(device: str) -> dict:
                threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                python=platform.python_version(), platform=platform.platform(),
                # the GPU machine gets the tree without .git: gpu_check.sh passes AMDIM_COMMIT
-               git_commit=git("rev-parse", "HEAD") or os.environ.get("AMDIM_COMMIT"), git_dirty=bool(git("status", "--porcelain",
+               git_commit=os.environ.get("AMDIM_COMMIT") or git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain",
                                                                       "amdim_kernels", "csrc")),
                command=" ".join([sys.executable] + sys.argv),
                utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -397,7 +397,7 @@ def environment(device: str, argv) -> dict:
                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                python=platform.python_version(), platform=platform.platform(),
-               git_commit=cmd_out("git", "rev-parse", "HEAD") or os.environ.get("AMDIM_COMMIT"),
+               git_commit=os.environ.get("AMDIM_COMMIT") or cmd_out("git", "rev-parse", "HEAD"),
                git_dirty=None if dirty is None else bool(dirty),
                git_dirty_paths=dirty.splitlines()[:50] if dirty else [],
                command=" ".join(shlex.quote(a) for a in [sys.executable] + list(argv)),
