@@ -1,6 +1,5 @@
 """AMDIM encoder shapes, the multiscale objective against a hand-written composition of the
 reference loss, and the batched augmentation."""
-import math
 
 import pytest
 import torch

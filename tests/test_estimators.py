@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import amdim_kernels as ak
+from loss_checks import assert_matches, loss_and_grads
 from amdim_kernels.nce import estimator_loss
 
 # (N, B, L, D): ragged, crossing the CPU tiles in rows (N > 128) and columns (B*L > 256).
@@ -19,17 +20,6 @@ def make(n, b, l, d, dtype, seed=0, scale=2.0):
     trg = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * scale).to(dtype)
     pos_idx = torch.randint(0, b, (n,), generator=g)
     return src.requires_grad_(), trg.requires_grad_(), pos_idx
-
-
-def loss_and_grads(fn, src, trg, pos_idx, w_loss=0.7, w_reg=1.3, **kw):
-    loss, reg = fn(src, trg, pos_idx, **kw)
-    return (loss, reg) + torch.autograd.grad(w_loss * loss + w_reg * reg, (src, trg))
-
-
-def assert_matches(fused, ref, rtol, atol):
-    for name, f, r in zip(("loss", "lgt_reg", "grad src", "grad trg"), fused, ref):
-        assert f.dtype == r.dtype, name
-        torch.testing.assert_close(f, r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -1,10 +1,10 @@
 """fused_nce_loss (C++ CPU backend) against the spec reference: loss, lgt_reg and gradients."""
-import itertools
 
 import pytest
 import torch
 
 import amdim_kernels as ak
+from loss_checks import assert_matches, loss_and_grads
 
 # (N, B, L, D): nothing a multiple of the 128 x 256 CPU tile, L in {1, 25, 49}, and shapes that
 # cross tile borders in rows (N > 128) and columns (B*L > 256).
@@ -17,18 +17,6 @@ def make(n, b, l, d, dtype, seed=0, scale=1.0):
     src = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
     trg = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
     return src, trg
-
-
-def loss_and_grads(fn, src, trg, pos_idx, w_loss=0.7, w_reg=1.3, **kw):
-    loss, reg = fn(src, trg, pos_idx, **kw)
-    g_src, g_trg = torch.autograd.grad(w_loss * loss + w_reg * reg, (src, trg))
-    return loss, reg, g_src, g_trg
-
-
-def assert_matches(fused, ref, rtol, atol):
-    for name, f, r in zip(("loss", "lgt_reg", "grad src", "grad trg"), fused, ref):
-        assert f.dtype == r.dtype, name
-        torch.testing.assert_close(f, r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
