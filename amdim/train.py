@@ -1,6 +1,7 @@
 """Train an AMDIM encoder: `python -m amdim.train [options]`, or on K processes
 `torchrun --nproc_per_node=K -m amdim.train [options]` (DistributedDataParallel; NCCL on GPUs,
-gloo on CPU). The defaults train on the built-in digits dataset on a 2-core CPU in 1-3 minutes (about 1 when the machine is idle).
+gloo on CPU). The defaults train on the built-in digits dataset on a 2-core CPU in 1-3 minutes
+(about 1 when the machine is idle).
 
 Every rank scores its sources against the targets of the global batch (see amdim/objective.py),
 so K processes with --batch-size B train exactly as one process with --batch-size B would.
