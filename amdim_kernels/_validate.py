@@ -95,14 +95,17 @@ def raise_non_finite(**tensors) -> None:
                      "but too large in magnitude")
 
 
-def check_fused_outputs(pos_idx: torch.Tensor, b: int, sumsq: torch.Tensor, **tensors) -> None:
-    """After a fused kernel: pos_idx in [0, B), and finite scores. sum(a^2) is finite iff every raw
-    score is, so one read of two flags from the device covers all N*M scores and the indices."""
+def check_fused_outputs(pos_idx: torch.Tensor | None, b: int, sumsq: torch.Tensor,
+                        **tensors) -> None:
+    """After a fused kernel: pos_idx in [0, B) (None: already known), and finite scores. sum(a^2)
+    is finite iff every raw score is, so one device read covers all N*M scores and the indices."""
     if _tracing():
         return
-    bad_index, bad_scores = torch.stack([((pos_idx < 0) | (pos_idx >= b)).any(),
-                                         ~torch.isfinite(sumsq)]).tolist()
-    if bad_index:
+    flags = [~torch.isfinite(sumsq)]
+    if pos_idx is not None:
+        flags.append(((pos_idx < 0) | (pos_idx >= b)).any())
+    bad_scores, *bad_index = torch.stack(flags).tolist()
+    if any(bad_index):
         _check_range(pos_idx, b)
     if bad_scores:
         raise_non_finite(**tensors)

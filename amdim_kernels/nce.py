@@ -55,6 +55,7 @@ def fused_nce_loss(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05, estim
     gives 0, "jsd" keeps only its positive term and "dv" raises ValueError.
     """
     # the fused kernels only compare pos_idx with column samples: its range is checked afterwards
+    given_pos_idx = pos_idx is not None
     pos_idx = _validate.check_nce_inputs(src, trg, pos_idx, tclip, reg_weight,
                                          check_range=backend == "reference")
     check_estimator(estimator, trg.shape[0])
@@ -64,7 +65,8 @@ def fused_nce_loss(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05, estim
                                   estimator=estimator)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
-    _validate.check_fused_outputs(pos_idx, trg.shape[0], sumsq, src=src, trg=trg)
+    _validate.check_fused_outputs(pos_idx if given_pos_idx else None, trg.shape[0], sumsq,
+                                  src=src, trg=trg)
     loss = estimator_loss(estimator, pos, neg_stat, trg.shape[0])
     lgt_reg = sumsq * (reg_weight / (trg.shape[0] * pos.numel()))
     return loss, lgt_reg
@@ -106,7 +108,8 @@ def fused_mixture_nce_loss(src_mix, trg, pos_idx=None, *, tau=1.0, alpha=None, d
     # Component rows r = i*k + j go through the same tiled pass as plain sources.
     pos, lse_neg, sumsq = nce_statistics(src_mix.reshape(n * k, d), trg,
                                          pos_idx.repeat_interleave(k), tclip, "logsumexp")
-    _validate.check_fused_outputs(pos_idx, trg.shape[0], sumsq, src_mix=src_mix, trg=trg)
+    # check_mixture_inputs has checked the pos_idx range already
+    _validate.check_fused_outputs(None, trg.shape[0], sumsq, src_mix=src_mix, trg=trg)
     loss = mixture.mixture_fwd(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha, detach_q)
     lgt_reg = sumsq * (reg_weight / (trg.shape[0] * pos.numel()))
     return loss, lgt_reg
