@@ -38,7 +38,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_pos, grad_neg_stat, grad_sumsq):
     src, trg, pos_idx, neg_stat = ctx.saved_tensors
     # An output that did not reach the loss has no gradient: it contributes zero.
-    grad_pos = torch.zeros_like(neg_stat[:, None].expand(-1, trg.shape[1])) if grad_pos is None else grad_pos
+    if grad_pos is None:
+        grad_pos = neg_stat.new_zeros(neg_stat.shape[0], trg.shape[1])
     grad_neg_stat = torch.zeros_like(neg_stat) if grad_neg_stat is None else grad_neg_stat
     grad_sumsq = neg_stat.new_zeros(()) if grad_sumsq is None else grad_sumsq
     grad_src, grad_trg = nce_bwd(grad_pos.contiguous(), grad_neg_stat.contiguous(), grad_sumsq,
