@@ -285,7 +285,12 @@ def evaluate_online(model, imageset, size, mean, std, device, batch=256):
 def run(args) -> dict:
     rank, world, local_rank = init_distributed()
     try:
-        return _train(args, rank, world, local_rank)
+        result = _train(args, rank, world, local_rank)
+        if world > 1:
+            # tearing gloo down while a peer still finishes its last collective can abort the
+            # process ("terminate called without an active exception"): leave together
+            dist.barrier()
+        return result
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -57,6 +57,7 @@ def _worker(rank, world, port, backend, out):
     try:
         result = _loss_and_grads(rank, world, backend)
         torch.save(result, f"{out}.{rank}")
+        dist.barrier()   # leave together: gloo torn down under a peer's collective can abort
     finally:
         dist.destroy_process_group()
 
