@@ -88,25 +88,33 @@ def rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", m, x)
 
 
-def two_views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
-              rank: int = 0, world: int = 1):
-    """Return (x1, x2) float views in [0, 1] of shape (b, 3, size, size) for b = len(images).
+def views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
+          rank: int = 0, world: int = 1, count: int = 2) -> list[torch.Tensor]:
+    """Return `count` augmented float views in [0, 1] of shape (b, 3, size, size), b = len(images).
 
     `images` are this rank's rows of a global batch of b * world images; parameters are drawn
-    for all b * world images and this rank's slice is applied.
+    for all b * world images and this rank's slice is applied. One horizontal flip per image is
+    shared by all its views.
     """
     x = to_float(images.to(generator.device))
     b = x.shape[0]
     n = b * world
     mine = slice(rank * b, (rank + 1) * b)
     flip = (torch.rand(n, generator=generator, device=generator.device) < cfg.p_flip)
-    views = []
-    for _ in range(2):
+    out = []
+    for _ in range(count):
         theta = crop_theta(n, cfg, flip, generator)[mine]
         grid = F.affine_grid(theta, (b, 3, cfg.size, cfg.size), align_corners=False)
         v = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        views.append(Jitter(n, cfg, generator).apply(v, mine))
-    return views[0], views[1]
+        out.append(Jitter(n, cfg, generator).apply(v, mine))
+    return out
+
+
+def two_views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
+              rank: int = 0, world: int = 1):
+    """(x1, x2): the two views of AMDIM (see `views`)."""
+    x1, x2 = views(images, cfg, generator, rank, world, 2)
+    return x1, x2
 
 
 class Jitter:

@@ -1,16 +1,56 @@
-"""Collectives that keep K-process training equal to 1-process training on the global batch.
+"""Process and device set-up, and the collectives that keep K-process training equal to
+1-process training on the global batch.
 
-Both use the differentiable collectives of torch.distributed.nn: their backward sends every rank's
+gather_rows and GlobalBatchNorm use the differentiable collectives of torch.distributed.nn: their backward sends every rank's
 gradient contribution back to the rank that owns the input, so with DDP's gradient averaging the
 parameter gradients are those of the mean loss over the global batch.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank) from torchrun's environment; initialise the process group (NCCL on
+    GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, local_rank
+
+
+def pick_device(spec: str, local_rank: int = 0, option: str = "--device") -> torch.device:
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N; ValueError naming `option` otherwise."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{option} {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {spec!r} asks for CUDA, which is not available here")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    elif dev.type != "cpu":
+        raise ValueError(f"{option} {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any rank: stop decisions must be collective."""
+    if world_info()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def world_info() -> tuple[int, int]:

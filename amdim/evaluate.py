@@ -1,47 +1,54 @@
 """Linear-probe evaluation: `python -m amdim.evaluate --checkpoint PATH`.
 
-Fits a linear classifier (ridge regression onto one-hot targets, closed form) on frozen global
-features (r1) of the labeled training images and reports test top-1 accuracy. `--features random` probes the same architecture with
-fresh random weights and `--features pixels` probes the raw pixels: the two baselines a trained
-encoder has to beat. The ridge penalty is chosen on a held-out fifth of the training set, then the
+Fits a linear classifier (ridge regression onto one-hot targets, closed form) on frozen
+representations of the labeled training images and reports test top-1 accuracy: AMDIM's global
+feature r1; DIM's last convolutional map, fully connected layer and Y. This is the linear probe;
+the "online classifiers" that amdim.train reports each epoch are different (trained by SGD beside
+the encoder on augmented views). `--features random` probes the same architecture with fresh
+random weights and `--features pixels` the raw pixels: the two baselines a trained encoder has to
+beat. The ridge penalty is chosen on a held-out fifth of the training set, then the
 probe is refit on all of it. Closed form keeps the probe deterministic and takes seconds on a CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data
-from .model import AMDIM
-from .train import load_checkpoint, pick_device
+from . import augment, checkpoint, data
+from .distributed import pick_device
 
 FEATURES = ("trained", "random", "pixels")
 RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)   # times the number of training rows
 
 
+def image_batches(imageset, size, device, batch=256):
+    """(images as floats in [0, 1] at size x size on device, labels), batch by batch, in order."""
+    for i in range(0, len(imageset), batch):
+        x, y = imageset.batch(np.arange(i, min(i + batch, len(imageset))))
+        yield augment.resize(augment.to_float(x.to(device)), size), y
+
+
 @torch.no_grad()
-def extract(encoder, imageset, size, mean, std, device, batch=256) -> torch.Tensor:
-    """r1 features (N, n_rkhs) of the un-augmented images, encoder in eval mode."""
-    encoder.eval()
-    out = []
-    for i in range(0, len(imageset), batch):
-        x, _ = imageset.batch(np.arange(i, min(i + batch, len(imageset))))
-        x = (augment.resize(augment.to_float(x.to(device)), size) - mean) / std
-        out.append(encoder(x)[0].flatten(1).float().cpu())
-    return torch.cat(out)
+def encode(model, imageset, size, device) -> dict:
+    """model.probe_features of every image (eval mode, no augmentation): {layer: (N, F) on CPU}."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for x, _ in image_batches(imageset, size, device):
+        for name, f in model.probe_features(x).items():
+            out.setdefault(name, []).append(f.flatten(1).float().cpu())
+    model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def pixels(imageset, size, batch=512) -> torch.Tensor:
-    out = []
-    for i in range(0, len(imageset), batch):
-        x, _ = imageset.batch(np.arange(i, min(i + batch, len(imageset))))
-        out.append(augment.resize(augment.to_float(x), size).flatten(1))
-    return torch.cat(out)
+def pixels(imageset, size) -> torch.Tensor:
+    return torch.cat([x.flatten(1) for x, _ in image_batches(imageset, size, "cpu", batch=512)])
 
 
 def ridge_fit(x, y, n_classes, lambdas):
@@ -86,29 +93,59 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes) -> dict:
             "ridge_penalty": best, "val_top1_by_penalty": {str(k): v for k, v in val.items()}}
 
 
-def evaluate(checkpoint: str, features="trained", data_path=None, device="auto", seed=0) -> dict:
+def _resolve_data_path(ck_args: dict, data_path):
+    """--data-path, else the checkpoint's, which is stored absolute (older relative ones are taken
+    relative to the directory training ran in, when it was recorded)."""
+    if data_path is not None or ck_args.get("data_path") is None:
+        return data_path
+    path = ck_args["data_path"]
+    if not os.path.isabs(path) and ck_args.get("cwd"):
+        path = os.path.join(ck_args["cwd"], path)
+    return path
+
+
+def evaluate(checkpoint_path: str, features="trained", data_path=None, device="auto", seed=0,
+             layers=None) -> dict:
+    """Linear probe of a checkpoint's frozen representations (or of the baselines: `features` =
+    "random" for the same architecture freshly initialised, "pixels" for the raw images).
+
+    Returns the result of the first probed layer at the top level and every layer under "layers"
+    (AMDIM: r1; DIM: conv, fc and y, the representations the DIM paper reports). Raises ValueError /
+    FileNotFoundError naming the checkpoint or option at fault."""
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
-    ck = load_checkpoint(checkpoint)
-    a = ck["args"]
-    ds = data.load(a["dataset"], data_path or a["data_path"], a["image_size"])
-    size = ck["image_size"]
+    ck = checkpoint.load(checkpoint_path, "--checkpoint")
+    a, arch = ck["args"], ck.get("arch")
+    if not isinstance(a, dict) or not isinstance(arch, dict) or "n_classes" not in ck:
+        raise ValueError(f"--checkpoint {checkpoint_path!r} lacks the run's options (args / arch / "
+                         f"n_classes): not written by amdim.train")
+    ds = data.load(arch["dataset"], _resolve_data_path(a, data_path), arch["image_size"])
+    size = arch["image_size"]
     dev = pick_device(device, 0)
     labeled = ds.train_labeled
     if features == "pixels":
-        tr, te = pixels(labeled, size), pixels(ds.test, size)
+        tr, te = {"pixels": pixels(labeled, size)}, {"pixels": pixels(ds.test, size)}
     else:
         torch.manual_seed(seed)
-        model = AMDIM(size, a["ndf"], a["n_rkhs"], a["n_depth"], a["use_bn"], ck["n_classes"],
-                      a.get("n_mix", 1)).to(dev)
+        model = checkpoint.build_model(arch, ck["n_classes"]).to(dev)
         if features == "trained":
             model.load_state_dict(ck["model"])
-        mean, std = (t.to(dev) for t in ck["norm"])
-        tr = extract(model.encoder, labeled, size, mean, std, dev)
-        te = extract(model.encoder, ds.test, size, mean, std, dev)
-    result = linear_probe(tr, torch.from_numpy(labeled.labels), te, torch.from_numpy(ds.test.labels), ds.n_classes)
-    return {"features": features, "checkpoint": checkpoint, "dataset": a["dataset"],
-            "n_train": len(labeled), "n_test": len(ds.test), "feature_dim": tr.shape[1], **result}
+        else:   # a random encoder still sees normalised inputs, like the trained one
+            norm = {k: v for k, v in ck["model"].items() if k.startswith("normalize.")}
+            model.load_state_dict(norm, strict=False)
+        tr, te = encode(model, labeled, size, dev), encode(model, ds.test, size, dev)
+    names = [n for n in tr if layers is None or n in layers]
+    if not names:
+        raise ValueError(f"layers {layers!r} match none of this model's representations {list(tr)}")
+    train_y, test_y = torch.from_numpy(labeled.labels), torch.from_numpy(ds.test.labels)
+    results = {}
+    for name in names:
+        results[name] = {"feature_dim": tr[name].shape[1],
+                         **linear_probe(tr[name], train_y, te[name], test_y, ds.n_classes)}
+    first = results[names[0]]
+    return {"features": features, "checkpoint": checkpoint_path, "method": arch["method"],
+            "dataset": arch["dataset"], "n_train": len(labeled), "n_test": len(ds.test), "layer": names[0],
+            **first, "layers": results}
 
 
 def main(argv=None):
@@ -117,18 +154,26 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by amdim.train")
     p.add_argument("--features", choices=FEATURES, default="trained",
                    help="trained encoder, the same architecture randomly initialised, or raw pixels")
+    p.add_argument("--layer", action="append", default=None,
+                   help="probe only this representation (repeatable; AMDIM: r1; DIM: conv, fc, y); "
+                        "default: all")
     p.add_argument("--data-path", default=None, help="override the dataset path stored in the checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for --features random")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
-    result = evaluate(args.checkpoint, args.features, args.data_path, args.device, args.seed)
+    try:
+        result = evaluate(args.checkpoint, args.features, args.data_path, args.device, args.seed, args.layer)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    print(f"linear probe ({args.features}): test top-1 = {result['test_top1']:.4f}", file=sys.stderr)
+    for name, r in result["layers"].items():
+        print(f"linear probe ({args.features}, {name}): test top-1 = {r['test_top1']:.4f} "
+              f"(closed-form ridge on frozen features, not the online classifiers)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,24 @@ import torch.nn.functional as F
 ENCODER_SIZES = (32, 64, 128)
 
 
+class Normalize(nn.Module):
+    """Per-channel input normalisation whose statistics are buffers of the model: they travel with
+    its state_dict (checkpoints, DDP) and are set once from the training images (`set_stats`)."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+    @torch.no_grad()
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean.reshape(self.mean.shape))
+        self.std.copy_(std.reshape(self.std.shape).clamp(min=1e-3))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
 def maybe_bn(n: int, use_bn: bool) -> nn.Module:
     return nn.BatchNorm2d(n) if use_bn else nn.Identity()
 
@@ -176,16 +194,26 @@ class AMDIM(nn.Module):
 
     def __init__(self, image_size=32, ndf=64, n_rkhs=512, n_depth=3, use_bn=False, n_classes=10, n_mix=1):
         super().__init__()
+        self.normalize = Normalize()
         self.encoder = Encoder(image_size, ndf, n_rkhs, n_depth, use_bn)
         self.classifiers = OnlineClassifiers(n_rkhs, n_classes) if n_classes > 0 else None
         self.mixture = MixtureHead(n_rkhs, n_mix) if n_mix > 1 else None
 
+    def probe_features(self, x) -> dict:
+        """{"r1": (B, n_rkhs)} global features of images x in [0, 1] for the linear probe."""
+        return {"r1": self.encoder(self.normalize(x))[0].flatten(1)}
+
+    def online_logits(self, x):
+        """(MLP, linear) logits of the online classifiers for images x in [0, 1]."""
+        return self.classifiers(self.encoder(self.normalize(x))[0])
+
     def forward(self, x1, x2):
-        """Encode both views in one pass (so BatchNorm sees both); classify view 1's global feature.
+        """Encode both views (images in [0, 1]) in one pass, so BatchNorm sees both; classify view
+        1's global feature.
 
         Returns (feats of x1, feats of x2), (mlp logits, linear logits); feats is (r1, r5, r7),
         plus the (B, k, n_rkhs) mixture components of r1 when n_mix > 1."""
-        r1, r5, r7 = self.encoder(torch.cat([x1, x2]))
+        r1, r5, r7 = self.encoder(self.normalize(torch.cat([x1, x2])))
         b = x1.shape[0]
         feats = [r1, r5, r7] + ([self.mixture(r1.flatten(1))] if self.mixture is not None else [])
         feats1, feats2 = tuple(f[:b] for f in feats), tuple(f[b:] for f in feats)

@@ -1,38 +1,41 @@
-"""Train an AMDIM encoder: `python -m amdim.train [options]`, or on K processes
+"""Train an AMDIM or Deep InfoMax encoder: `python -m amdim.train [options]`, or on K processes
 `torchrun --nproc_per_node=K -m amdim.train [options]` (DistributedDataParallel; NCCL on GPUs,
-gloo on CPU). The defaults train on the built-in digits dataset on a 2-core CPU in 1-3 minutes
-(about 1 when the machine is idle).
+gloo on CPU). The defaults train AMDIM on the built-in digits dataset in about a minute on an
+idle 2-core CPU; `--method dim` trains Deep InfoMax (DIM(L) by default, `--dim-preset G` for DIM(G)).
 
-Every rank scores its sources against the targets of the global batch (see amdim/objective.py),
-so K processes with --batch-size B train exactly as one process with --batch-size B would.
+Every rank scores its sources against the targets of the global batch (amdim/objective.py), so K
+processes with --batch-size B train exactly as one process with --batch-size B would.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import augment, data
-from .distributed import convert_batchnorm
-from .model import ENCODER_SIZES, AMDIM
-from .objective import (COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, MultiscaleNCE, mixture_fn, nce_fn,
-                        parse_costs)
+from . import augment, checkpoint, data
+from .checkpoint import CHECKPOINT, METHODS
+from .distributed import agree, convert_batchnorm, init_distributed, pick_device
+from .evaluate import image_batches
+from .metrics import METRICS, MetricsLog, Progress, epoch_line
+from .methods import make_step
+from .model import ENCODER_SIZES, AMDIM  # noqa: F401  (AMDIM: re-exported for scripts)
+from .objective import COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, parse_costs
 
 EXIT_NON_FINITE = 3
-# options that fix the shapes of the saved weights: --resume must be given the same ones
-ARCHITECTURE = ("dataset", "image_size", "ndf", "n_rkhs", "n_depth", "use_bn", "n_mix")
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
+EXIT_IO = 4
+DIM_PRESETS = {"L": dict(alpha=0.0, beta=1.0, gamma=0.1), "G": dict(alpha=1.0, beta=0.0, gamma=1.0)}
+DIM_ONLY = ("alpha", "beta", "gamma", "local_arch", "prior", "y_dim", "dim_preset", "dim_augment")
+AMDIM_ONLY = ("costs", "dense", "n_rkhs", "n_depth", "use_bn", "n_mix", "mix_tau", "mix_alpha", "tclip",
+              "reg_weight")
 
 
 def positive_int(s):
@@ -66,38 +69,56 @@ def costs_arg(s):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m amdim.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default="amdim",
+                   help="amdim: Augmented Multiscale DIM; dim: Deep InfoMax (global/local MI, prior matching)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=data.DATASETS, default="digits",
-                   help="digits is built in (scikit-learn, no download); the others read --data-path")
-    g.add_argument("--data-path", default=None, help="directory of the dataset (not used by digits)")
+                   help="digits (and the other built-ins) need no download; cifar10/100, stl10 and folder read --data-path")
+    g.add_argument("--data-path", default=None, help="directory of the dataset (not used by the built-ins)")
     g.add_argument("--image-size", type=int, choices=ENCODER_SIZES, default=None,
                    help="encoder input size; default: 32 for digits/CIFAR, 64 for STL-10 and folders")
     g = p.add_argument_group("model")
-    g.add_argument("--ndf", type=positive_int, default=16, help="base channel width of the encoder")
-    g.add_argument("--n-rkhs", type=positive_int, default=128, help="embedding size of r1, r5, r7")
-    g.add_argument("--n-depth", type=positive_int, default=1, help="residual layers per encoder stage")
-    g.add_argument("--use-bn", action="store_true", help="batch norm inside the encoder trunk")
+    g.add_argument("--ndf", type=positive_int, default=None,
+                   help="base channel width of the encoder (default: 16 for amdim, 32 for dim)")
+    g.add_argument("--n-rkhs", type=positive_int, default=128, help="AMDIM: embedding size of r1, r5, r7")
+    g.add_argument("--n-depth", type=positive_int, default=1, help="AMDIM: residual layers per encoder stage")
+    g.add_argument("--use-bn", action="store_true", help="AMDIM: batch norm inside the encoder trunk")
+    g.add_argument("--y-dim", type=positive_int, default=64, help="DIM: size of the representation Y")
     g = p.add_argument_group("objective")
-    g.add_argument("--costs", type=costs_arg, default=",".join(DEFAULT_COSTS),
-                   help=f"comma-separated NCE costs, from {','.join(COSTS)} (src scale 't' trg scale)")
-    g.add_argument("--dense", action="store_true",
-                   help="5x5/7x7 sources use every location (N = B*25 or B*49) instead of one per image")
-    g.add_argument("--tclip", type=positive_float, default=20.0, help="soft clip of the scores")
-    g.add_argument("--reg-weight", type=nonneg_float, default=0.05, help="weight of the score regulariser")
+    g.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                   help="mutual-information bound: nce (InfoNCE), jsd (Jensen-Shannon) or dv (Donsker-"
+                        "Varadhan); default: nce for amdim, jsd for dim (each paper's choice)")
     g.add_argument("--loss-backend", choices=LOSS_BACKENDS, default="fused",
                    help="fused: amdim_kernels' kernels for the device; reference: plain PyTorch")
-    g.add_argument("--estimator", choices=ESTIMATORS, default="nce",
-                   help="mutual-information bound: AMDIM's NCE, or DIM's Jensen-Shannon / Donsker-Varadhan")
+    g.add_argument("--costs", type=costs_arg, default=",".join(DEFAULT_COSTS),
+                   help=f"AMDIM: comma-separated NCE costs, from {','.join(COSTS)} (src scale 't' trg scale)")
+    g.add_argument("--dense", action="store_true",
+                   help="AMDIM: 5x5/7x7 sources use every location (N = B*25 or B*49) instead of one per image")
+    g.add_argument("--tclip", type=positive_float, default=20.0, help="AMDIM: soft clip of the scores")
+    g.add_argument("--reg-weight", type=nonneg_float, default=0.05, help="AMDIM: weight of the score regulariser")
     g.add_argument("--n-mix", type=positive_int, default=1,
-                   help="mixture components of the global feature for the 1->5 / 1->7 costs (1: none)")
-    g.add_argument("--mix-tau", type=positive_float, default=1.0, help="mixture softmax temperature tau")
+                   help="AMDIM: mixture components of the global feature for the 1->5 / 1->7 costs (1: none)")
+    g.add_argument("--mix-tau", type=positive_float, default=1.0, help="AMDIM: mixture softmax temperature tau")
     g.add_argument("--mix-alpha", type=nonneg_float, default=None,
-                   help="weight of the mixture entropy bonus (default 1/tau, which makes q optimal)")
+                   help="AMDIM: weight of the mixture entropy bonus (default 1/tau, which makes q optimal)")
+    g.add_argument("--dim-preset", choices=tuple(DIM_PRESETS), default="L",
+                   help="DIM: the DIM paper's configuration, giving the defaults of --alpha/--beta/--gamma: "
+                        + "; ".join(f"{k}: alpha={v['alpha']:g}, beta={v['beta']:g}, gamma={v['gamma']:g}"
+                                    for k, v in DIM_PRESETS.items()))
+    g.add_argument("--alpha", type=nonneg_float, default=None, help="DIM: weight of the global MI term")
+    g.add_argument("--beta", type=nonneg_float, default=None, help="DIM: weight of the local MI term")
+    g.add_argument("--gamma", type=nonneg_float, default=None, help="DIM: weight of prior matching")
+    g.add_argument("--local-arch", choices=("dot", "concat"), default="dot",
+                   help="DIM: local critic, encoder-and-dot-product (fused kernels) or concat-and-convolve")
+    g.add_argument("--prior", choices=("uniform", "gaussian", "none"), default="uniform",
+                   help="DIM: prior of Y for prior matching (uniform also squashes Y with a sigmoid)")
+    g.add_argument("--dim-augment", action="store_true",
+                   help="DIM: train on one augmented view of each image (default: the plain images, as the paper)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set")
     g.add_argument("--batch-size", type=positive_int, default=64,
                    help="GLOBAL batch size (split evenly over torchrun processes)")
-    g.add_argument("--lr", type=positive_float, default=5e-4, help="Adam learning rate (encoder and online classifiers)")
+    g.add_argument("--lr", type=positive_float, default=5e-4, help="Adam learning rate (encoder, critics and online classifiers)")
     g.add_argument("--steps-per-epoch", type=positive_int, default=None,
                    help="cap on steps per epoch (default: one pass over the training set)")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and sampling")
@@ -105,43 +126,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported); CPU runs in fp32")
-    g.add_argument("--out-dir", default="runs/amdim", help="checkpoint, metrics.jsonl and TensorBoard logs")
+    g.add_argument("--out-dir", default=None,
+                   help="checkpoint, metrics.jsonl and TensorBoard logs (default: runs/<method>)")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue exactly from this checkpoint (same later losses as an uninterrupted run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (without it such a run is refused)")
     g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines")
     g.add_argument("--no-eval", action="store_true", help="skip the per-epoch test accuracy of the online classifiers")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (plain lines every --log-every steps)")
     return p
 
 
 # ----------------------------------------------------------------------------------------------
-# setup
+# set-up
 
-def init_distributed():
-    """(rank, world, local_rank) from torchrun's environment; initialise the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), world, local_rank
+class Stop(Exception):
+    """Training ends early with an exit code and a message (signal, non-finite loss, I/O failure)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
 
 
-def pick_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {spec!r} asks for CUDA, which is not available here")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    elif dev.type != "cpu":
-        raise SystemExit(f"error: --device {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
-    return dev
+def resolve_options(args, parser_defaults: dict | None = None) -> None:
+    """Fill method-dependent defaults in place; ValueError naming options that do not fit --method."""
+    defaults = parser_defaults or vars(build_parser().parse_args([]))
+    other = DIM_ONLY if args.method == "amdim" else AMDIM_ONLY
+    misplaced = [k for k in other if getattr(args, k) != defaults[k]]
+    if misplaced:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in misplaced)} "
+                         f"{'does' if len(misplaced) == 1 else 'do'} not apply to --method {args.method}")
+    if args.ndf is None:
+        args.ndf = 32 if args.method == "dim" else 16
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", args.method)
+    if args.method == "dim":
+        args.estimator = args.estimator or "jsd"
+        for k, v in DIM_PRESETS[args.dim_preset].items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        if args.alpha == 0 and args.beta == 0:
+            raise ValueError("--alpha and --beta are both 0: DIM needs a global or a local MI term")
+        if args.gamma > 0 and args.prior == "none":
+            raise ValueError(f"--gamma {args.gamma:g} weights prior matching, but --prior is none")
+        return
+    args.estimator = args.estimator or "nce"
+    if args.n_mix > 1 and args.estimator != "nce":
+        raise ValueError(f"--n-mix {args.n_mix} needs --estimator nce (the mixture loss is defined for "
+                         f"NCE), got --estimator {args.estimator}")
+    if args.n_mix > 1 and not any(c[0] == "1" for c in args.costs):
+        raise ValueError(f"--n-mix {args.n_mix} mixes the global feature, but --costs "
+                         f"{','.join(args.costs)} has no 1->5 or 1->7 cost")
 
 
 def amp_dtype(spec: str, device: torch.device):
@@ -153,24 +189,10 @@ def amp_dtype(spec: str, device: torch.device):
 
 
 def seed_all(seed: int):
+    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state(aug_gen: torch.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "augment": aug_gen.get_state()}
-
-
-def set_rng_state(state: dict, aug_gen: torch.Generator):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    aug_gen.set_state(state["augment"])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -178,300 +200,289 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def save_checkpoint(path: str, state: dict):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {path!r}: no such checkpoint file")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: --resume {path!r} is not a readable checkpoint ({type(e).__name__}: {e})")
-    if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
-        raise SystemExit(f"error: --resume {path!r} is not an amdim.train checkpoint")
-    return ck
-
-
-class Progress:
-    """tqdm bar when tqdm is installed, else one line every log_every steps."""
-
-    def __init__(self, total, desc, enabled, log_every, initial=0):
-        self.bar, self.enabled, self.log_every = None, enabled, log_every
-        self.n, self.total, self.desc = initial, total, desc
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
-            except ImportError:
-                pass
-
-    def update(self, n, metrics: dict):
-        self.n += n
-        if not self.enabled:
-            return
-        text = {k: f"{v:.3g}" for k, v in metrics.items()}
-        if self.bar is not None:
-            self.bar.set_postfix(text, refresh=False)
-            self.bar.update(n)
-        elif self.n % self.log_every == 0 or self.n == self.total:
-            print(f"{self.desc} {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in text.items()),
-                  flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class MetricsLog:
-    """Append-only JSONL (rank 0), mirrored to TensorBoard when it is installed."""
-
-    def __init__(self, out_dir, enabled):
-        self.enabled, self.tb = enabled, None
-        if not enabled:
-            return
-        self.path = os.path.join(out_dir, METRICS)
+def prepare_out_dir(args, rank: int) -> str:
+    """Check --out-dir before any training: writable, and not holding another run unless --resume
+    continues that run or --overwrite replaces it. Returns the checkpoint path."""
+    out = args.out_dir
+    ck_path = os.path.join(out, CHECKPOINT)
+    held = [f for f in (CHECKPOINT, METRICS) if os.path.exists(os.path.join(out, f))]
+    resuming_here = bool(args.resume) and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path)
+    if held and not args.overwrite and not resuming_here:
+        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): pass --resume "
+                         f"{ck_path} to continue it, --overwrite to replace it, or another --out-dir")
+    if rank == 0:
         try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-        except ImportError:   # tensorboard is optional
-            pass
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".write-test{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"--out-dir {out!r} is not a writable directory ({e.strerror or e})") from None
+        checkpoint.remove_stale_temporaries(out)
+    return ck_path
 
-    def write(self, record: dict, step: int):
-        if not self.enabled:
+
+@dataclass
+class Run:
+    """Everything one training run holds, built by `setup`."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    amp: torch.dtype | None
+    ds: data.Dataset
+    size: int
+    steps: int
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    step_fn: object
+    aug_gen: torch.Generator
+    arch: dict
+    ck_path: str
+    log: MetricsLog
+    start_epoch: int = 0
+    start_step: int = 0
+
+    def save(self, epoch, step):
+        if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, float):
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, step)
-            self.tb.flush()
+        try:
+            checkpoint.save(self.ck_path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": checkpoint.rng_state(self.aug_gen), "epoch": epoch, "step": step,
+                "args": vars(self.args), "arch": self.arch, "n_classes": self.ds.n_classes})
+        except OSError as e:
+            raise Stop(EXIT_IO, f"cannot write the checkpoint {self.ck_path} ({e.strerror or e}); "
+                                f"the last good checkpoint, if any, is kept") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# training
-
-class Stop(Exception):
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-def normalize(x, mean, std):
-    return (x - mean) / std
-
-
-@torch.no_grad()
-def evaluate_online(model, imageset, size, mean, std, device, batch=256):
-    """Test top-1 of the online MLP and linear classifiers (no augmentation, eval-mode BN)."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros(2)
-    for i in range(0, len(imageset), batch):
-        x, y = imageset.batch(np.arange(i, min(i + batch, len(imageset))))
-        x = normalize(augment.resize(augment.to_float(x.to(device)), size), mean, std)
-        r1 = model.encoder(x)[0]
-        for j, logits in enumerate(model.classifiers(r1)):
-            correct[j] += (logits.argmax(1).cpu() == y).sum()
-    model.train(was_training)
-    return (correct / len(imageset)).tolist()
-
-
-def run(args) -> dict:
-    rank, world, local_rank = init_distributed()
-    try:
-        result = _train(args, rank, world, local_rank)
-        if world > 1:
-            # tearing gloo down while a peer still finishes its last collective can abort the
-            # process ("terminate called without an active exception"): leave together
-            dist.barrier()
-        return result
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _train(args, rank, world, local_rank):
-    if args.n_mix > 1 and args.estimator != "nce":
-        raise SystemExit(f"error: --n-mix {args.n_mix} needs --estimator nce (the mixture loss is "
-                         f"defined for NCE), got --estimator {args.estimator}")
-    if args.n_mix > 1 and not any(c[0] == "1" for c in args.costs):
-        raise SystemExit(f"error: --n-mix {args.n_mix} mixes the global feature, but --costs "
-                         f"{','.join(args.costs)} has no 1->5 or 1->7 cost")
+def setup(args, rank, world, local_rank) -> Run:
+    """Options, device, out dir, data, model, optimiser and resumed state. Raises ValueError /
+    FileNotFoundError with a message naming the option at fault."""
+    resolve_options(args)
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the number of "
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of "
                          f"processes ({world})")
+    if args.batch_size // world < 2:
+        raise ValueError(f"--batch-size {args.batch_size} gives {args.batch_size // world} image(s) per "
+                         f"process: batch norm and the contrastive negatives need at least 2")
     device = pick_device(args.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    amp = amp_dtype(args.amp, device)
-    try:
-        ds = data.load(args.dataset, args.data_path, args.image_size)
-    except (ValueError, FileNotFoundError) as e:   # the loaders' messages name the path and format
-        raise SystemExit(f"error: {e}") from None
+    if args.data_path is not None:   # stored absolute: amdim.evaluate may run from another directory
+        args.data_path = os.path.abspath(args.data_path)
+    ck = checkpoint.load(args.resume, "--resume") if args.resume else None
+    ck_path = prepare_out_dir(args, rank)
+    ds = data.load(args.dataset, args.data_path, args.image_size)
     size = args.image_size or data.NATURAL_SIZE[args.dataset]
-    local_b = args.batch_size // world
     n_train = len(ds.train)
     steps = n_train // args.batch_size
     if steps == 0:
-        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {n_train} training images")
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {n_train} training images")
     if args.steps_per_epoch:
         steps = min(steps, args.steps_per_epoch)
 
     seed_all(args.seed)
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(args.seed)
-    model = AMDIM(size, args.ndf, args.n_rkhs, args.n_depth, args.use_bn, ds.n_classes, args.n_mix).to(device)
-    # per-channel statistics of the training images, for input normalisation
-    probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))
+    arch = checkpoint.architecture(vars(args), size)
+    model = checkpoint.build_model(arch, ds.n_classes).to(device)
+    probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))   # input normalisation statistics
     pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
-    mean = pix.mean(1).view(1, 3, 1, 1).to(device)
-    std = pix.std(1).clamp(min=1e-3).view(1, 3, 1, 1).to(device)
+    model.normalize.set_stats(pix.mean(1), pix.std(1))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.8, 0.999), eps=1e-8)
+    amp = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-
-    start_epoch, start_step = 0, 0
-    if args.resume:
-        ck = load_checkpoint(args.resume)
-        saved = ck["args"]
-        differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r}"
-                  for k in ARCHITECTURE if saved.get(k, 1 if k == "n_mix" else None) != getattr(args, k)]
-        if differ:
-            raise SystemExit(f"error: --resume {args.resume!r} was trained with different options: "
-                             + "; ".join(differ))
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        for group in optimizer.param_groups:   # the command line's lr wins over the saved one
-            group["lr"] = args.lr
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"], aug_gen)
-        start_epoch, start_step = ck["epoch"], ck["step"]
-    train_model = model
+    run = Run(args, rank, world, device, amp, ds, size, steps, model, model, optimizer, scaler,
+              make_step(args, size), aug_gen, arch, ck_path, MetricsLog(args.out_dir, rank == 0))
+    if ck is not None:
+        _restore(run, ck)
+    elif args.overwrite and rank == 0:
+        for f in (ck_path, os.path.join(args.out_dir, METRICS)):
+            if os.path.exists(f):
+                os.remove(f)
     if world > 1:
         # BatchNorm over the global batch, so K processes match one process exactly
         convert_batchnorm(model)
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    mixture = (mixture_fn(args.loss_backend, args.tclip, args.reg_weight, args.mix_tau, args.mix_alpha)
-               if args.n_mix > 1 else None)
-    objective = MultiscaleNCE(nce_fn(args.loss_backend, args.tclip, args.reg_weight, args.estimator),
-                              args.costs, args.dense, mixture)
-    cfg = augment.AugmentConfig(size=size)
+    return run
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    ck_path = os.path.join(args.out_dir, CHECKPOINT)
-    log = MetricsLog(args.out_dir, rank == 0)
+
+def _restore(run: Run, ck: dict) -> None:
+    args = run.args
+    checkpoint.check_architecture(ck.get("arch") or {}, run.arch, f"--resume {args.resume!r}")
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    for group in run.optimizer.param_groups:   # the command line's lr wins over the saved one
+        group["lr"] = args.lr
+    if run.scaler is not None and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    checkpoint.set_rng_state(ck["rng"], run.aug_gen)
+    run.start_epoch, run.start_step = ck["epoch"], ck["step"]
+    if run.rank == 0 and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), args.out_dir):
+        # records written after this checkpoint (the run was killed before its next save) are redone
+        run.log.truncate_after(run.start_epoch * run.steps + run.start_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+@torch.no_grad()
+def evaluate_online(model, imageset, size, device):
+    """Test top-1 of the online MLP and linear classifiers (no augmentation, eval-mode BN)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2)
+    for x, y in image_batches(imageset, size, device):
+        for j, logits in enumerate(model.online_logits(x)):
+            correct[j] += (logits.argmax(1).cpu() == y).sum()
+    model.train(was_training)
+    return (correct / len(imageset)).tolist()
+
+
+def classifier_losses(logits, labels) -> dict:
+    """Cross-entropy and accuracy of the online classifiers on the labeled rows (label >= 0)."""
+    labeled = labels >= 0
+    out = {}
+    for name, lg in zip(("mlp", "lin"), logits):
+        lg = lg.float()[labeled]
+        out[name] = F.cross_entropy(lg, labels[labeled]) if len(lg) else lg.sum()
+        out[f"acc_{name}"] = (lg.argmax(1) == labels[labeled]).float().mean() if len(lg) else lg.sum()
+    return out
+
+
+def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary: dict) -> dict:
+    args, rank, world, device = run.args, run.rank, run.world, run.device
+    local_b = args.batch_size // world
+    order = epoch_order(args.seed, epoch, len(run.ds.train))
+    bar = Progress(run.steps, f"epoch {epoch + 1}/{args.epochs}", rank == 0 and not args.no_progress,
+                   args.log_every, first)
+    t0, seen = time.perf_counter(), 0
+    global_step = epoch * run.steps + first
+    run.train_model.train()
+    for step in range(first, run.steps):
+        if agree(stop_signal["sig"] is not None, device):
+            run.save(epoch, step)
+            sig = stop_signal["sig"] or signal.SIGTERM
+            raise Stop(128 + int(sig), f"stopped by signal {signal.Signals(sig).name}; saved "
+                                       f"{run.ck_path} (epoch {epoch + 1}, step {step}); continue with "
+                                       f"--resume {run.ck_path}")
+        lo = step * args.batch_size + rank * local_b
+        images, labels = run.ds.train.batch(order[lo:lo + local_b])
+        labels = labels.to(device)
+        with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
+            out = run.step_fn(run.train_model, images.to(device), run.aug_gen, rank, world)
+        finite = out is not None
+        if finite:
+            loss, parts, logits = out
+            cls = classifier_losses(logits, labels)
+            total = loss + cls["mlp"] + cls["lin"]
+            finite = bool(torch.isfinite(total))
+        if agree(not finite, device):
+            raise Stop(EXIT_NON_FINITE,
+                       f"non-finite loss or features at epoch {epoch + 1}, step {step}: training "
+                       f"stopped. The last good checkpoint is kept: {run.ck_path}"
+                       + ("" if os.path.exists(run.ck_path) else " (none was written yet)")
+                       + ". Try a lower --lr, or --amp none.")
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(total).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            total.backward()
+            run.optimizer.step()
+        global_step += 1
+        seen += args.batch_size
+        scalars = {"loss": loss.detach(), **parts, **{f"cls_{k}": v.detach() for k, v in cls.items()}}
+        values = torch.stack([v.float() for v in scalars.values()])
+        if world > 1:   # report global-batch values (mean over ranks' equal-sized rows)
+            dist.all_reduce(values)
+            values /= world
+        scalars = dict(zip(scalars, values.tolist()))
+        summary["losses"].append(scalars["loss"])
+        ips = seen / (time.perf_counter() - t0)
+        bar.update(1, {"loss": scalars["loss"], "img/s": ips})
+        if step % args.log_every == 0 or step == run.steps - 1:
+            run.log.write({"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
+                           "images_per_s": ips, **scalars}, global_step)
+    bar.close()
+    rec = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
+           "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+           "last_loss": summary["losses"][-1] if summary["losses"] else None}
+    if device.type == "cuda":
+        rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if rank == 0 and not args.no_eval:
+        rec["test_acc_mlp"], rec["test_acc_lin"] = evaluate_online(run.model, run.ds.test, run.size, device)
+    return rec
+
+
+def train(run: Run) -> dict:
+    """The epochs from the resumed position on; a checkpoint after each; signals stop at a step."""
+    args = run.args
+    summary = {"losses": [], "epochs": [], "checkpoint": run.ck_path}
     stop_signal = {"sig": None}
 
     def on_signal(sig, frame):
         stop_signal["sig"] = sig
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def checkpoint(epoch, step):
-        if rank == 0:
-            save_checkpoint(ck_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scaler": scaler.state_dict() if scaler else None,
-                                      "rng": rng_state(aug_gen), "epoch": epoch, "step": step,
-                                      "args": vars(args), "image_size": size, "n_classes": ds.n_classes,
-                                      "norm": (mean.cpu(), std.cpu())})
-
-    def agree(flag: bool) -> bool:
-        """True on every rank when it is true on any rank (stop decisions must be collective)."""
-        if world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
-
-    summary = {"losses": [], "epochs": []}
-    global_step = start_epoch * steps + start_step
     try:
-        for epoch in range(start_epoch, args.epochs):
-            order = epoch_order(args.seed, epoch, n_train)
-            first = start_step if epoch == start_epoch else 0
-            bar = Progress(steps, f"epoch {epoch + 1}/{args.epochs}", rank == 0, args.log_every, first)
-            t0, seen = time.perf_counter(), 0
-            train_model.train()
-            for step in range(first, steps):
-                if agree(stop_signal["sig"] is not None):
-                    checkpoint(epoch, step)
-                    sig = stop_signal["sig"] or signal.SIGTERM
-                    raise Stop(128 + int(sig), f"stopped by signal {signal.Signals(sig).name}; "
-                                               f"saved {ck_path} (epoch {epoch + 1}, step {step})")
-                lo = step * args.batch_size + rank * local_b
-                images, labels = ds.train.batch(order[lo:lo + local_b])
-                x1, x2 = augment.two_views(images, cfg, aug_gen, rank, world)
-                x1, x2 = normalize(x1, mean, std), normalize(x2, mean, std)
-                labels = labels.to(device)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    (f1, f2), logits = train_model(x1, x2)
-                feats1 = [r.float() for r in f1]
-                feats2 = [r.float() for r in f2]
-                finite = all(bool(torch.isfinite(r).all()) for r in feats1 + feats2)
-                if finite:
-                    nce_total, parts = objective(feats1, feats2, aug_gen)
-                    labeled = labels >= 0
-                    cls = {}
-                    for name, lg in zip(("mlp", "lin"), logits):
-                        lg = lg.float()[labeled]
-                        cls[name] = F.cross_entropy(lg, labels[labeled]) if len(lg) else lg.sum()
-                        cls[f"acc_{name}"] = (lg.argmax(1) == labels[labeled]).float().mean() if len(lg) else lg.sum()
-                    loss = nce_total + cls["mlp"] + cls["lin"]
-                    finite = bool(torch.isfinite(loss))
-                if agree(not finite):
-                    raise Stop(EXIT_NON_FINITE,
-                               f"non-finite loss or features at epoch {epoch + 1}, step {step}: training "
-                               f"stopped. The last good checkpoint is kept: {ck_path}"
-                               + ("" if os.path.exists(ck_path) else " (none was written yet)")
-                               + ". Try a lower --lr, or --amp none.")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                global_step += 1
-                seen += args.batch_size
-                scalars = {"loss": nce_total.detach(), **parts, **{f"cls_{k}": v.detach() for k, v in cls.items()}}
-                values = torch.stack([v.float() for v in scalars.values()])
-                if world > 1:   # report global-batch values (mean over ranks' equal-sized rows)
-                    dist.all_reduce(values)
-                    values /= world
-                scalars = dict(zip(scalars, values.tolist()))
-                nce_val = scalars["loss"]
-                summary["losses"].append(nce_val)
-                ips = seen / (time.perf_counter() - t0)
-                bar.update(1, {"nce": nce_val, "img/s": ips})
-                if step % args.log_every == 0 or step == steps - 1:
-                    rec = {"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
-                           "images_per_s": ips, **scalars}
-                    log.write(rec, global_step)
-            bar.close()
-            rec = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
-                   "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-                   "last_loss": summary["losses"][-1] if summary["losses"] else None}
-            if device.type == "cuda":
-                rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            if rank == 0 and not args.no_eval:
-                rec["test_acc_mlp"], rec["test_acc_lin"] = evaluate_online(model, ds.test, size, mean, std, device)
-            log.write(rec, global_step)
+        for epoch in range(run.start_epoch, args.epochs):
+            first = run.start_step if epoch == run.start_epoch else 0
+            rec = train_one_epoch(run, epoch, first, stop_signal, summary)
+            try:
+                run.log.write(rec, rec["global_step"])
+            except OSError as e:
+                raise Stop(EXIT_IO, f"cannot write {run.log.path} ({e.strerror or e}); the last good "
+                                    f"checkpoint is kept: {run.ck_path}") from None
             summary["epochs"].append(rec)
-            if rank == 0:
-                print(json.dumps(rec), flush=True)
-            checkpoint(epoch + 1, 0)
+            if run.rank == 0:
+                print(epoch_line(rec, args.epochs), flush=True)
+            run.save(epoch + 1, 0)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    summary["checkpoint"] = ck_path
     return summary
+
+
+def run(args) -> dict:
+    """Set up (errors become `SystemExit("error: ...")` on every rank) and train."""
+    rank, world, local_rank = init_distributed()
+    try:
+        failed = None
+        try:
+            r = setup(args, rank, world, local_rank)
+        except (ValueError, FileNotFoundError) as e:
+            failed = e
+        # set-up errors are collective: a rank that failed alone would leave its peers waiting forever
+        where = torch.device(f"cuda:{local_rank}") if world > 1 and torch.cuda.is_available() else torch.device("cpu")
+        if agree(failed is not None, where):
+            raise SystemExit(f"error: {failed}" if failed is not None
+                             else "error: another process failed to set up (see its message)")
+        if r.start_epoch >= args.epochs:
+            if rank == 0:
+                print(f"amdim.train: {args.resume} has already trained {r.start_epoch} epoch(s) and "
+                      f"--epochs is {args.epochs}: nothing to do. To train further, pass --resume "
+                      f"{args.resume} --epochs N with N > {r.start_epoch}.", file=sys.stderr, flush=True)
+            return {"losses": [], "epochs": [], "checkpoint": r.ck_path}
+        summary = train(r)
+        if rank == 0:
+            print(f"amdim.train: done. Checkpoint: {r.ck_path}; metrics: "
+                  f"{os.path.join(args.out_dir, METRICS)}\nLinear probe of the trained encoder: "
+                  f"python -m amdim.evaluate --checkpoint {r.ck_path}", file=sys.stderr, flush=True)
+        if world > 1:
+            # tearing gloo down while a peer still finishes its last collective can abort the
+            # process ("terminate called without an active exception"): leave together
+            dist.barrier()
+        return summary
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def main(argv=None):

@@ -155,7 +155,7 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path):
     _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
     res = evaluate.evaluate(str(out / train.CHECKPOINT), "trained")
     assert res["n_test"] == 364 and res["feature_dim"] == 16 and 0.0 <= res["test_top1"] <= 1.0
-    with pytest.raises(SystemExit, match="no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         evaluate.evaluate(str(tmp_path / "nope.pt"))
 
 
@@ -178,7 +178,7 @@ def test_trains_on_stl10_with_unlabeled_images_and_on_a_folder(tmp_path):
                         "--epochs", "1", name="stl")
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
     ck = torch.load(out / train.CHECKPOINT, weights_only=False)
-    assert ck["image_size"] == 64 and ck["model"]["classifiers.linear.weight"].shape == (10, 16)
+    assert ck["arch"]["image_size"] == 64 and ck["model"]["classifiers.linear.weight"].shape == (10, 16)
     _folder(tmp_path / "imgs", per_class=10)
     summary, _ = _run(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", "32",
                       "--batch-size", "8", "--epochs", "1", name="folder")

@@ -1,0 +1,191 @@
+"""Checkpoints of amdim.train: atomic writes, a checksum of the payload, safe loading, exact resume.
+
+A checkpoint is a `torch.save`d dict of plain types and tensors only, so it loads with
+`torch.load(path, weights_only=True)`: a shared checkpoint can never run code (no pickled objects;
+the numpy RNG state is stored as a tensor). It holds the model, optimizer and scaler states, the RNG
+states of python / numpy / torch / CUDA / the augmentation generator, the position (epoch, step),
+the options of the run, and `sha256`: a digest of everything else, recomputed on load, so that a
+corrupted file (flipped bytes in a tensor) is refused instead of silently resumed or evaluated.
+
+Every problem raises ValueError (or FileNotFoundError) with a message that names the file; the
+command lines turn those into exit messages.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "amdim.train checkpoint"
+VERSION = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the digest
+
+def _digest(obj, h) -> None:
+    """Feed a nested structure of dicts, lists, tuples, tensors and scalars into hash h.
+
+    Types and shapes are hashed with the values, so a changed dtype or shape shows as well."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _digest(k, h)
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for v in obj:
+            _digest(v, h)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(f"S{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"checkpoint payload holds a {type(obj).__name__}: only tensors and plain "
+                        f"types are allowed (so the file loads with weights_only=True)")
+
+
+def payload_sha256(payload: dict) -> str:
+    h = hashlib.sha256()
+    _digest(payload, h)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as tensors and plain types
+
+def rng_state(aug_gen: torch.Generator) -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "augment": aug_gen.get_state()}
+
+
+def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    aug_gen.set_state(state["augment"])
+
+
+# ----------------------------------------------------------------------------------------------
+# save and load
+
+def save(path: str, payload: dict) -> None:
+    """Write payload plus its checksum to a temporary file, then rename it over `path`: a crash or
+    kill mid-write never leaves a broken checkpoint, only the previous one."""
+    state = {"format": FORMAT, "version": VERSION, **payload}
+    state["sha256"] = payload_sha256(state)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Delete `checkpoint.pt.tmp<pid>` files whose writer is gone (a save killed mid-write)."""
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(out_dir), CHECKPOINT + ".tmp*")):
+        suffix = tmp.rsplit(".tmp", 1)[1]
+        if suffix.isdigit() and int(suffix) != os.getpid() and _alive(int(suffix)):
+            continue
+        os.remove(tmp)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load(path: str, what: str = "checkpoint") -> dict:
+    """Read and verify a checkpoint written by `save`; `what` names it in errors (e.g. '--resume')."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # weights_only refuses pickled code: say so rather than run it
+        raise ValueError(f"{what} {path!r} is not a readable amdim.train checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise ValueError(f"{what} {path!r} is not an amdim.train checkpoint "
+                         f"(no {FORMAT!r} marker; files of versions before 0.2 are not supported)")
+    missing = [k for k in ("model", "args", "epoch", "step", "sha256") if k not in ck]
+    if missing:
+        raise ValueError(f"{what} {path!r} is incomplete: missing {', '.join(missing)}")
+    stored = ck.pop("sha256")
+    if payload_sha256(ck) != stored:
+        raise ValueError(f"{what} {path!r} is corrupted: its checksum does not match its contents "
+                         f"(the file was modified or damaged after it was written). Use an earlier "
+                         f"copy, or train again.")
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------
+# what the weights mean: the architecture options, and the model they build
+
+METHODS = ("amdim", "dim")
+_ARCH_OPTIONS = {"amdim": ("dataset", "image_size", "ndf", "n_rkhs", "n_depth", "use_bn", "n_mix"),
+                 "dim": ("dataset", "image_size", "ndf", "y_dim", "local_arch", "prior")}
+
+
+def architecture(args: dict, image_size: int) -> dict:
+    """The options that fix the shapes of the saved weights (image_size resolved, not None).
+
+    For DIM also which critics exist: a zero weight builds no critic (DDP needs every parameter
+    to receive a gradient), so a resumed run must keep each weight zero or non-zero."""
+    method = args.get("method", "amdim")
+    arch = {"method": method, **{k: args.get(k) for k in _ARCH_OPTIONS[method]}, "image_size": image_size}
+    if method == "dim":
+        arch.update(global_critic=args["alpha"] > 0, local_critic=args["beta"] > 0,
+                    prior_critic=args["gamma"] > 0)
+    return arch
+
+
+def check_architecture(saved: dict, current: dict, what: str) -> None:
+    """ValueError naming every option in which a checkpoint's architecture differs from this run's."""
+    differ = []
+    for k in sorted(set(saved) | set(current)):
+        if saved.get(k) != current.get(k):
+            opt = {"global_critic": "--alpha", "local_critic": "--beta", "prior_critic": "--gamma"}.get(
+                k, "--" + k.replace("_", "-"))
+            differ.append(f"{opt} {saved.get(k)!r} (checkpoint) vs {current.get(k)!r}")
+    if differ:
+        raise ValueError(f"{what} was trained with different options: " + "; ".join(differ))
+
+
+def build_model(arch: dict, n_classes: int) -> torch.nn.Module:
+    """A fresh model of the architecture `arch` (see `architecture`)."""
+    if arch["method"] == "dim":
+        from .dim import DIM
+        prior = arch["prior"] if arch["prior_critic"] else "none"
+        return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"],
+                   local_arch=arch["local_arch"], prior=prior, use_global=arch["global_critic"],
+                   use_local=arch["local_critic"])
+    from .model import AMDIM
+    return AMDIM(arch["image_size"], arch["ndf"], arch["n_rkhs"], arch["n_depth"], arch["use_bn"],
+                 n_classes, arch["n_mix"] or 1)
