@@ -219,8 +219,40 @@ def prepare_out_dir(args, rank: int) -> str:
             os.remove(probe)
         except OSError as e:
             raise ValueError(f"--out-dir {out!r} is not a writable directory ({e.strerror or e})") from None
+        _lock_out_dir(out)
         checkpoint.remove_stale_temporaries(out)
     return ck_path
+
+
+_OUT_DIR_LOCKS = {}   # out dir -> open lock file, held while this process trains there
+
+
+def _lock_out_dir(out: str) -> None:
+    """One trainer per --out-dir: an flock the OS releases when the process ends, however it ends."""
+    import fcntl
+    key = os.path.realpath(out)
+    if key in _OUT_DIR_LOCKS:
+        return
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"--out-dir {out!r} is in use by a running amdim.train ({holder}): wait for "
+                         f"it, or pick another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _OUT_DIR_LOCKS[key] = f
+
+
+def _unlock_out_dir(out: str) -> None:
+    f = _OUT_DIR_LOCKS.pop(os.path.realpath(out), None)
+    if f is not None:
+        f.close()
 
 
 @dataclass
@@ -481,6 +513,8 @@ def run(args) -> dict:
             dist.barrier()
         return summary
     finally:
+        if args.out_dir:
+            _unlock_out_dir(args.out_dir)
         if world > 1:
             dist.destroy_process_group()
 

@@ -143,6 +143,24 @@ def test_resume_after_a_kill_keeps_one_record_per_step_and_no_temporaries(tmp_pa
     assert not stale.exists() and not list(out.glob("*.tmp*"))
 
 
+def test_two_trainers_never_share_an_out_dir(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write('pid 4242'); f.flush(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="in use by a running amdim.train .pid 4242"):
+            _run(out, "--epochs", "1", "--steps-per-epoch", "1")
+    finally:
+        holder.kill()
+        holder.wait()
+    _run(out, "--epochs", "1", "--steps-per-epoch", "1")     # the lock died with its holder
+
+
 def test_an_unusable_out_dir_fails_before_training(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="--out-dir .*not a writable directory"):
