@@ -1,5 +1,6 @@
 """Benchmark of the mixture NCE loss (k components) and the DIM estimators (jsd, dv): the fused
-losses against the spec references, time and peak extra memory.
+losses against the plain PyTorch references (docs/losses.md, sections 3-4), time and peak extra
+memory.
 
     python benchmarks/bench_mixture.py                  # CPU, N = B = 256, L = 49, D = 256, k = 4, fp32
     python benchmarks/bench_mixture.py --device cuda

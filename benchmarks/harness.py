@@ -279,7 +279,12 @@ def write_results(out: Path, result: dict, markdown: str, indent: int = 1, plot:
     written = [out, out.with_suffix(".md")]
     if plot:
         import plot as plot_module   # benchmarks/plot.py
-        png = plot_module.save_plot(result, out.with_suffix(".png"))
+        try:
+            png = plot_module.save_plot(result, out.with_suffix(".png"))
+        except Exception as exc:   # the measurements are saved: a drawing bug must not lose them
+            print(f"the plot failed ({type(exc).__name__}: {exc}); the results are in {out}; "
+                  f"redraw them with benchmarks/plot.py", flush=True)
+            png = None
         if png is not None:
             written.append(png)
     return written

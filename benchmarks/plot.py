@@ -85,7 +85,7 @@ def plot_nce(result: dict, plt):
         ls = sorted({s[2] for s in shapes})
         n_eq_b = all(s[0] == s[1] for s in shapes)
         where = f"{dtype}, D = {d}, " + ("N = B, " if n_eq_b else "") + "L = " + "/".join(map(str, ls))
-        failures = []
+        failures, zeros = [], []
         for variant in ("fused", "reference", "compiled"):
             for mode in ("fwd", "fwd+bwd"):
                 sel = [r for r in recs if r["variant"] == variant and r["mode"] == mode]
@@ -101,8 +101,11 @@ def plot_nce(result: dict, plt):
                 if m:
                     ax_m.plot(*zip(*m), label=label, **style)
                 for r in sel:
+                    at = f"M = {r['shape'][1] * r['shape'][2]}"
                     if r.get("status") != "ok":
-                        failures.append(f"{label}: {r['status']} at M = {r['shape'][1] * r['shape'][2]}")
+                        failures.append(f"{label}: {r['status']} at {at}")
+                    elif r.get("peak_extra_bytes") == 0:   # a log axis has no 0
+                        zeros.append(f"{label}: 0 MiB at {at}")
         prods = [r for r in recs if r["variant"] == "products"]
         mm1 = _series(_ok(prods, mode="src@trg^T"), lambda r: r["median_s"] * 1e3)
         if mm1:
@@ -137,9 +140,10 @@ def plot_nce(result: dict, plt):
                 ax.minorticks_off()
                 if len(xs) == 1:
                     ax.set_xlim(xs[0] / 2, xs[0] * 2)
-        if failures:
-            ax_t.text(0.99, 0.02, "\n".join(failures), transform=ax_t.transAxes, ha="right",
-                      va="bottom", fontsize=8, color="darkred")
+        for ax, notes in ((ax_t, failures), (ax_m, zeros)):
+            if notes:
+                ax.text(0.99, 0.02, "\n".join(notes), transform=ax.transAxes, ha="right",
+                        va="bottom", fontsize=8, color="darkred")
     note = (f"median of {settings.get('repeats')} calls after {settings.get('warmup')} warm-up calls; "
             f"fused backend {settings.get('fused_backend')}; peak extra = memory beyond the inputs "
             "and their gradients; tick labels: M (N x B x L x D)")
