@@ -198,7 +198,8 @@ def plot_mixture(result: dict, plt):
     for j, variant in enumerate(("reference", "fused")):
         t, mem = [], []
         for loss, mode in groups:
-            rec = next((r for r in records if (r["loss"], r["mode"], r["variant"]) == (loss, mode, variant)), None)
+            rec = next((r for r in records
+                        if (r["loss"], r["mode"], r["variant"]) == (loss, mode, variant)), None)
             ok = rec is not None and rec.get("status") == "ok"
             if rec is not None and not ok:
                 failures.append(f"{loss} {mode} {variant}: {rec.get('status')}")
