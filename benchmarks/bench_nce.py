@@ -32,28 +32,26 @@ gradients of src and trg (a training step must hold those anyway); the inputs ar
   (it holds the inputs) and max_memory_allocated() as the peak. Cases run in one process (--isolate for
   one subprocess each); a case that runs out of memory is recorded as "OOM".
 
-Writes JSON (environment, settings, every measurement, ratios, target checks) and a markdown table
-with the same basename to benchmarks/results/.
+Writes JSON (environment, settings, every measurement, ratios, target checks), a markdown table and
+(with matplotlib) a plot of time and peak memory against M, all with the same basename, to
+benchmarks/results/. Timing, memory and the writers are shared with bench_mixture.py
+(benchmarks/harness.py); benchmarks/plot.py redraws the plot of any results file.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
-import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (MIB, ROOT, Clock, is_oom, environment, peak_extra, print_child_result, run_child,
+                     timing_fields, use_mmap_for_large_allocations, versions_line, write_results)
+
 sys.path.insert(0, str(ROOT))   # measure the checkout this script lives in, not an installed copy
 
 VARIANTS = ("reference", "compiled", "fused", "products")
@@ -68,7 +66,6 @@ DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 QUICK_SHAPE = "16x16x9x32"
 SWEEP = dict(nb=[128, 256, 512, 1024, 2048, 4096, 8192], l=[25, 49], d=[256, 1024, 2048],
              dtypes=["bfloat16", "float16", "float32"])
-MIB = 2 ** 20
 RESULT_TAG = "BENCH_NCE_RESULT:"
 
 # (device, shape, dtype, name, ratio key, comparison, limit): the issue's acceptance targets.
@@ -123,127 +120,6 @@ def loss_function(variant: str, fused_backend: str):
     return lambda src, trg, pos_idx, **kw: fused_nce_loss(src, trg, pos_idx, backend=fused_backend, **kw)
 
 
-class Clock:
-    """Times one call: perf_counter on CPU; CUDA events (recorded around the call) on CUDA."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def run(self, fn, prepare, warmup: int, repeats: int):
-        """Returns (first-call seconds, list of per-call seconds after warm-up)."""
-        prepare()
-        self.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        self.sync()
-        first = time.perf_counter() - t0
-        del out
-        for _ in range(warmup):
-            prepare()
-            out = fn()
-            del out
-        times = []
-        if self.cuda:
-            events = []
-            for _ in range(repeats):
-                prepare()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                del out
-                events.append((start, end))
-            torch.cuda.synchronize()
-            times = [s.elapsed_time(e) / 1e3 for s, e in events]
-        else:
-            for _ in range(repeats):
-                prepare()
-                t0 = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t0)
-                del out   # freeing the outputs (and the graph) is outside the timed region
-        return first, times
-
-
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def use_mmap_for_large_allocations():
-    """Every allocation >= 64 KiB becomes its own mapping, returned to the OS when freed.
-
-    Done before the inputs exist: large chunks that glibc's default (adaptive) threshold put on the
-    heap stay there after free, in arenas picked by lock contention, and inflate a later peak by a
-    varying amount (seen: +3 to +48 MiB on a 61 MiB peak). An explicit threshold also stops glibc
-    raising it, which is why timing runs in another process with the default.
-    """
-    m_mmap_threshold = -3   # mallopt parameter number
-    if not ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 64 * 1024):
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
-
-
-class PeakMeter:
-    """Memory in use and its peak since the last reset: RSS on CPU, the caching allocator on CUDA."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-        self.libc = None if self.cuda else ctypes.CDLL("libc.so.6")
-
-    def reset(self) -> int:
-        """Clears freed memory, resets the peak to the current use and returns that use."""
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        self.libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")        # VmHWM := VmRSS
-        return _proc_status_bytes("VmRSS")
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return _proc_status_bytes("VmHWM")
-
-
-def peak_extra(device, forward, backward, prepare, grad_bytes, calls: int = 2) -> int:
-    """Peak bytes held beyond the memory in use before the call, not counting the gradients.
-
-    Forward and backward are measured separately so the gradients are subtracted only from the
-    backward's peak (a forward peak holds no gradients); the smaller over `calls` calls.
-    """
-    meter, extras = PeakMeter(device), []
-    for _ in range(calls):
-        prepare()
-        base = meter.reset()
-        out = forward()
-        extra = meter.peak() - base
-        if backward is not None:
-            meter.reset()       # the peak restarts from what the forward left (saved tensors)
-            backward(out)
-            extra = max(extra, meter.peak() - base - grad_bytes())
-        del out
-        extras.append(extra)
-    return min(extras)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if torch.cuda.is_available() and isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, (MemoryError, RuntimeError)) and (
-        "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc))
-
-
 def _record(case, **fields):
     rec = dict(variant=case["variant"], shape=case["shape"], dtype=case["dtype"], mode=case["mode"],
                status="ok", error=None, median_s=None, min_s=None, times_s=None, first_call_s=None,
@@ -268,8 +144,7 @@ def measure_products(case, cfg, clock):
     records = []
     for name in PRODUCTS:
         first, times = clock.run(calls[name], lambda: None, cfg["warmup"], cfg["repeats"])
-        records.append(_record(dict(case, mode=name), times_s=times, median_s=statistics.median(times),
-                               min_s=min(times), first_call_s=first))
+        records.append(_record(dict(case, mode=name), **timing_fields(first, times)))
     return records
 
 
@@ -306,7 +181,7 @@ def measure_loss(case, cfg, clock, part):
     rec = _record(case, input_bytes=src.nbytes + trg.nbytes)
     if part in ("time", "all"):
         first, times = clock.run(call, prepare, cfg["warmup"], cfg["repeats"])
-        rec.update(times_s=times, median_s=statistics.median(times), min_s=min(times), first_call_s=first)
+        rec.update(timing_fields(first, times))
     if part in ("memory", "all"):
         if part == "memory":   # warm-up: one-time costs (compile, thread pools, BLAS buffers)
             for _ in range(max(cfg["warmup"], 1)):
@@ -329,7 +204,7 @@ def measure(case, cfg, part="all"):
             use_mmap_for_large_allocations()
         return measure_loss(case, cfg, clock, part)
     except Exception as exc:   # one failing variant must not end the run
-        status = "OOM" if _is_oom(exc) else "error"
+        status = "OOM" if is_oom(exc) else "error"
         err = f"{type(exc).__name__}: {str(exc).strip()[:800]}"
         modes = PRODUCTS if case["variant"] == "products" else (case["mode"],)
         return [_record(dict(case, mode=m), status=status, error=err) for m in modes]
@@ -342,21 +217,12 @@ def measure(case, cfg, part="all"):
 def measure_in_subprocess(case, cfg, part):
     timeout = cfg["compile_timeout"] if case["variant"] == "compiled" else cfg["case_timeout"]
     spec = json.dumps(dict(case=case, cfg=cfg, part=part))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", spec]
+    records, failure = run_child(Path(__file__), ["--_child", spec], RESULT_TAG, timeout)
+    if failure is None:
+        return records
+    status, message = failure
     modes = PRODUCTS if case["variant"] == "products" else (case["mode"],)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return [_record(dict(case, mode=m), status="timeout", error=f"{part}: no result within {timeout} s")
-                for m in modes]
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    # A child killed by the kernel (e.g. the OOM killer: rc -9) prints nothing.
-    tail = (proc.stderr or proc.stdout).strip()[-800:]
-    status = "OOM" if proc.returncode == -9 else "error"
-    return [_record(dict(case, mode=m), status=status, error=f"{part}: child exited with {proc.returncode}: {tail}")
-            for m in modes]
+    return [_record(dict(case, mode=m), status=status, error=f"{part}: {message[-800:]}") for m in modes]
 
 
 def measure_isolated(case, cfg):
@@ -374,41 +240,6 @@ def measure_isolated(case, cfg):
 
 
 # ----------------------------------------------------------------------------- the run
-
-def environment(device: str, argv) -> dict:
-    def cmd_out(*cmd):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    cpu_model = None
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    dirty = cmd_out("git", "status", "--porcelain")   # None where there is no .git (device copies)
-    env = dict(device=device, cpu_model=cpu_model or platform.processor(), cpu_count=os.cpu_count(),
-               cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
-               torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
-               python=platform.python_version(), platform=platform.platform(),
-               git_commit=os.environ.get("AMDIM_COMMIT") or cmd_out("git", "rev-parse", "HEAD"),
-               git_dirty=None if dirty is None else bool(dirty),
-               git_dirty_paths=dirty.splitlines()[:50] if dirty else [],
-               command=" ".join(shlex.quote(a) for a in [sys.executable] + list(argv)),
-               utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    if device == "cuda":
-        env["device_name"] = torch.cuda.get_device_name()
-        env["driver"] = cmd_out("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
-    else:
-        env["device_name"] = env["cpu_model"]
-    return env
-
 
 def build_cases(shapes, dtypes, variants, modes):
     cases = []
@@ -469,9 +300,7 @@ def _fmt(v, scale=1.0, digits=2):
 def render_markdown(result) -> str:
     env, cfg = result["env"], result["settings"]
     lines = [f"# bench_nce: {env['device_name']} ({env['device']})", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env.get('driver')}, "
-             f"{cfg['threads']} threads; git {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}; "
-             f"{env['utc']}", "", f"`{env['command']}`", "",
+             f"{versions_line(env)}; {cfg['threads']} threads", "", f"`{env['command']}`", "",
              f"Median of {cfg['repeats']} calls after {cfg['warmup']} warm-up calls; fused backend "
              f"`{cfg['fused_backend']}`; tclip {cfg['tclip']}, reg_weight {cfg['reg_weight']}. "
              f"Peak extra = {cfg['memory_method']}. "
@@ -592,23 +421,20 @@ def parse_args(argv):
     return args
 
 
-def write_outputs(out: Path, env, cfg, records, complete: bool, t_start: float) -> str:
+def write_outputs(out: Path, env, cfg, records, complete: bool, t_start: float) -> tuple[str, list]:
+    """Writes JSON and markdown; the plot only once complete (benchmarks/plot.py redraws any file)."""
     summary, checks = summarize(records, cfg["device"])
     result = dict(schema="bench_nce/1", complete=complete, env=env, settings=cfg, records=records,
                   summary=summary, targets=checks, wall_s=time.perf_counter() - t_start)
     markdown = render_markdown(result)
-    for path, text in ((out, json.dumps(result, indent=1) + "\n"), (out.with_suffix(".md"), markdown)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)   # never leave a half-written file behind
-    return markdown
+    return markdown, write_results(out, result, markdown, indent=1, plot=complete)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
         spec = json.loads(argv[1])
-        print(RESULT_TAG + json.dumps(measure(spec["case"], spec["cfg"], spec["part"])), flush=True)
+        print_child_result(RESULT_TAG, measure(spec["case"], spec["cfg"], spec["part"]))
         return 0
     args = parse_args(argv)
     isolate = args.isolate or args.device == "cpu"   # peak RSS is only meaningful per process
@@ -637,9 +463,9 @@ def main(argv=None):
         records += recs
         print(progress_line(i, len(cases), case, recs), flush=True)
         # Rewritten after every case: a run cut off by a time limit still leaves what it measured.
-        markdown = write_outputs(out, env, cfg, records, complete=i == len(cases), t_start=t_start)
+        markdown, written = write_outputs(out, env, cfg, records, complete=i == len(cases), t_start=t_start)
     print("\n" + markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
