@@ -1,4 +1,4 @@
-"""The multiscale AMDIM objective (shared/spec/losses.md, section 2) over amdim_kernels' NCE op.
+"""The multiscale AMDIM objective (docs/losses.md, section 2) over amdim_kernels' NCE op.
 
 Distributed training: every rank's sources (its local rows) are scored against the targets of the
 GLOBAL batch, gathered with their gradient (amdim.distributed.gather_rows); row i of rank r has
