@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -40,6 +41,7 @@ def _load_extension_module():
     path = os.path.join(ROOT, "amdim_kernels", "_extension.py")
     spec = importlib.util.spec_from_file_location("_amdim_kernels_extension", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -184,7 +184,8 @@ def aot_build_options(root: str) -> dict:
     other machines), CUDA only where torch has CUDA and a CUDA toolkit is present."""
     with_cuda = _cuda_toolkit_usable()
     return {"sources": source_files(root, with_cuda), "with_cuda": with_cuda,
-            "cflags": list(_CFLAGS), "ldflags": list(_LDFLAGS), "cuda_cflags": list(_CUDA_CFLAGS),
+            # -g0: Python's own CFLAGS, which setuptools passes first, carry -g (a 5x larger .so)
+            "cflags": list(_CFLAGS) + ["-g0"], "ldflags": list(_LDFLAGS), "cuda_cflags": list(_CUDA_CFLAGS),
             "metadata": {**torch_abi(), "with_cuda": with_cuda, "sources": sources_digest(root)}}
 
 
@@ -407,6 +408,6 @@ def load() -> str:
             torch.ops.load_library(library)
             return library
         print(f"amdim_kernels: not using the prebuilt extension {library}: it {why}; "
-              "building one for this machine instead", file=sys.stderr, flush=True)
+              "using the first-use build instead", file=sys.stderr, flush=True)
     spec = jit_spec()
     return build_and_load(spec, what="C++/CUDA extension" if spec.with_cuda else "C++ extension")
