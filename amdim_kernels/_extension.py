@@ -164,6 +164,11 @@ def make_spec(base: str, sources: list[str], digest: str, *, cflags: list[str], 
            "abi": torch_abi(), "cxx": os.environ.get("CXX", "c++")}
     if with_cuda:
         key.update(cuda_cflags=cuda_cflags, arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if key["arch_list"] is None and torch.cuda.is_available():
+            # without TORCH_CUDA_ARCH_LIST torch compiles for the GPUs it sees: a cache shared by
+            # nodes with other GPUs must not hand them a build without their architecture
+            key["gpus"] = sorted({torch.cuda.get_device_capability(i)
+                                  for i in range(torch.cuda.device_count())})
     key.update(identity or {})
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return BuildSpec(f"{base}_{tag}", tuple(sources), tuple(cflags), tuple(ldflags),
