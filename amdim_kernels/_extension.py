@@ -285,7 +285,11 @@ def build_lock(build_dir: str, timeout_s: float | None = None, poll_s: float = 0
     process holds it, say who, and give up after timeout_s (AMDIM_KERNELS_BUILD_TIMEOUT, default
     30 min) with an error naming the holder and the lock file."""
     if timeout_s is None:
-        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        try:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise BuildError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected a number of "
+                             "seconds") from None
     os.makedirs(build_dir, exist_ok=True)
     lock_path = os.path.join(build_dir, _LOCK)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

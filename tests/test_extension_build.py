@@ -306,3 +306,10 @@ def test_ahead_of_time_wheel_ships_the_ops_and_falls_back_when_torch_differs(tmp
     assert "not using the prebuilt extension" in proc.stderr and "built for torch 0.0.0" in proc.stderr
     assert proc.stdout.split()[1] == ext.load()
     assert abs(float(proc.stdout.split()[2])) < 1e-5
+
+
+def test_a_bad_timeout_setting_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(ext.TIMEOUT_ENV, "ten minutes")
+    with pytest.raises(ext.BuildError, match="AMDIM_KERNELS_BUILD_TIMEOUT='ten minutes': expected a number"):
+        with ext.build_lock(str(tmp_path)):
+            pass
