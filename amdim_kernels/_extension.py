@@ -1,37 +1,102 @@
-"""Builds (on first use, cached) and loads the C++/CUDA extension that registers amdim_kernels ops.
+"""Builds (once per distinct build, cached) and loads the C++/CUDA extension that registers the
+amdim_kernels ops.
 
-The sources are compiled with torch.utils.cpp_extension.load (ninja) into torch's extension cache
-(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); later imports reuse the cached build
-unless a source changed. The CUDA part (csrc/cuda) is built only where torch has CUDA and nvcc is
-available.
+Two ways to get the compiled ops:
+- ahead of time: ``AMDIM_KERNELS_BUILD_OPS=1 pip install --no-build-isolation .`` compiles csrc/
+  with portable flags into the package (``amdim_kernels/_ops*.so`` beside ``_ops_build.json``,
+  which records the torch it was built against). It is used whenever it matches the running torch;
+- on first use (the default): torch.utils.cpp_extension.load compiles csrc/ with ninja for the
+  host CPU (-march=native) into torch's extension cache (TORCH_EXTENSIONS_DIR, default
+  ~/.cache/torch_extensions/<python>_<cpu|cuXYZ>).
+
+A first-use build is named after a hash of everything that determines the binary (the bytes of
+csrc/, the flags, torch, the CPU for -march=native), so every copy of the package with the same
+sources (a checkout, an installed copy, a second checkout) reuses one build, and a changed source
+gets a new one instead of silently recompiling over another copy's build.
+
+The build runs under an flock of our own, which the OS releases when the holder dies: a process
+killed mid-build cannot leave the next one waiting forever on torch's lock file, and a process
+waiting for a live builder says who it is waiting for and gives up after a bounded time.
+
+This module imports nothing from the package (setup.py loads it on its own for the ahead-of-time
+build).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import glob
+import hashlib
+import importlib.machinery
+import json
 import os
+import platform
+import shlex
+import shutil
+import socket
 import sys
+import sysconfig
+import time
+from dataclasses import dataclass
 
 import torch
 
-_NAME = "amdim_kernels_ops"
+BASE_NAME = "amdim_kernels_ops"
+AOT_MODULE = "_ops"                   # amdim_kernels/_ops<EXT_SUFFIX>, the ahead-of-time build
+AOT_METADATA = "_ops_build.json"      # beside it: what it was built with
+BUILD_ENV = "AMDIM_KERNELS_BUILD_OPS"  # =1: build the ops at install time (see setup.py)
+TIMEOUT_ENV = "AMDIM_KERNELS_BUILD_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0            # a CUDA build on a loaded machine takes minutes, not half an hour
+_SOURCE_SUFFIXES = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh")
+_DONE = "build-ok.json"               # written after a build succeeded: the .so alone may be half-linked
+_LOCK = "amdim-build.lock"            # our flock; torch's FileBaton uses "lock" in the same directory
+
+# -fno-trapping-math lets GCC if-convert (and so vectorise) the branchy exp/tanh loops
+_CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp", "-DNDEBUG"]
+_LDFLAGS = ["-fopenmp"]  # at::parallel_for is serial without OpenMP in both compile and link
+_CUDA_CFLAGS = ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo"]
 
 
-def _source_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+class BuildError(RuntimeError):
+    """The extension could not be built or loaded; the message says what to install or change."""
+
+
+_NO_COMPILER_HINT = ('backend="reference" (plain PyTorch, the same results) works without a '
+                     "compiler, as does an ahead-of-time build (AMDIM_KERNELS_BUILD_OPS=1 pip install "
+                     "--no-build-isolation . on a machine with one).")
+
+
+def package_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def source_dir() -> str:
+    """csrc/: inside the installed package, or beside the package in a checkout."""
+    here = package_dir()
     for candidate in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
         if os.path.isfile(os.path.join(candidate, "nce.cpp")):
             return candidate
-    raise RuntimeError(f"amdim_kernels: C++ sources not found next to {here} (looked for csrc/nce.cpp)")
+    raise BuildError(f"amdim_kernels: C++ sources not found next to {here} (looked for csrc/nce.cpp)")
 
 
 def cuda_buildable() -> bool:
+    """Whether the ops have (or will have) their CUDA kernels: a matching ahead-of-time build with
+    CUDA, or torch with CUDA and a CUDA toolkit (nvcc) to build them with."""
+    shipped = shipped_build()
+    if shipped is not None and shipped[2] is None:
+        return bool(shipped[1]["with_cuda"])
+    return _cuda_toolkit_usable()
+
+
+def _cuda_toolkit_usable() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def _sources(with_cuda: bool) -> list[str]:
-    root = _source_dir()
+def source_files(root: str, with_cuda: bool) -> list[str]:
+    """The files to compile: csrc/*.cpp, and csrc/cuda/*.cpp, *.cu with CUDA."""
     sources = sorted(glob.glob(os.path.join(root, "*.cpp")))
     if with_cuda:
         cuda = os.path.join(root, "cuda")
@@ -39,32 +104,319 @@ def _sources(with_cuda: bool) -> list[str]:
     return sources
 
 
-@functools.lru_cache(maxsize=None)
-def load() -> None:
-    """Compile if needed and load the ops into torch.ops.amdim_kernels (idempotent)."""
-    from torch.utils.cpp_extension import _get_build_directory, load as load_extension
+def sources_digest(root: str) -> str:
+    """sha256 of every source and header under root (relative paths and bytes, not mtimes or
+    locations: two copies with the same content have the same digest)."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            if not filename.endswith(_SOURCE_SUFFIXES):
+                continue
+            path = os.path.join(dirpath, filename)
+            digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+            digest.update(b"\0")
+    return digest.hexdigest()
 
-    with_cuda = cuda_buildable()
-    sources = _sources(with_cuda)
-    build_dir = _get_build_directory(_NAME, verbose=False)
-    built = glob.glob(os.path.join(build_dir, f"{_NAME}*.so"))
-    newest_source = max(os.path.getmtime(s) for s in sources)
-    if not built or min(os.path.getmtime(b) for b in built) < newest_source:
-        print(f"amdim_kernels: compiling the {'C++/CUDA' if with_cuda else 'C++'} extension "
-              f"(first use; cached in {build_dir}) ...", file=sys.stderr, flush=True)
-    # -fno-trapping-math lets GCC if-convert (and so vectorise) the branchy exp/tanh loops
-    cflags = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-DNDEBUG"]
+
+def torch_abi() -> dict:
+    """What a compiled extension depends on besides its sources: a build for another torch, CUDA
+    or C++ ABI must not be loaded."""
+    return {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+            "python": sys.implementation.cache_tag, "machine": platform.machine()}
+
+
+def _host_cpu() -> str:
+    """Identifies the instruction set -march=native compiles for (a cache on a shared file system
+    may be used by nodes with different CPUs)."""
     try:
-        load_extension(
-            name=_NAME,
-            sources=sources,
-            extra_cflags=cflags,
-            extra_ldflags=["-fopenmp"],
-            extra_cuda_cflags=["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo"],
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=False,
-        )
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "model name", "flags", "Features", "CPU part") and key not in fields:
+            fields[key] = value.strip()
+    return json.dumps(fields, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """One distinct build: the name is the base name and a hash of everything that determines the
+    binary, so equal specs share one build directory and different ones never overwrite each other."""
+    name: str
+    sources: tuple
+    cflags: tuple
+    ldflags: tuple
+    cuda_cflags: tuple
+    with_cuda: bool
+
+
+def make_spec(base: str, sources: list[str], digest: str, *, cflags: list[str], ldflags: list[str],
+              cuda_cflags: list[str], with_cuda: bool, identity: dict | None = None) -> BuildSpec:
+    key = {"sources": digest, "cflags": cflags, "ldflags": ldflags, "with_cuda": with_cuda,
+           "abi": torch_abi(), "cxx": os.environ.get("CXX", "c++")}
+    if with_cuda:
+        key.update(cuda_cflags=cuda_cflags, arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if key["arch_list"] is None and torch.cuda.is_available():
+            # without TORCH_CUDA_ARCH_LIST torch compiles for the GPUs it sees: a cache shared by
+            # nodes with other GPUs must not hand them a build without their architecture
+            key["gpus"] = sorted({torch.cuda.get_device_capability(i)
+                                  for i in range(torch.cuda.device_count())})
+    key.update(identity or {})
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return BuildSpec(f"{base}_{tag}", tuple(sources), tuple(cflags), tuple(ldflags),
+                     tuple(cuda_cflags), with_cuda)
+
+
+def jit_spec(root: str | None = None, with_cuda: bool | None = None) -> BuildSpec:
+    """The first-use build of csrc/ at root: tuned for this CPU (-march=native)."""
+    root = source_dir() if root is None else root
+    with_cuda = _cuda_toolkit_usable() if with_cuda is None else with_cuda
+    return make_spec(BASE_NAME, source_files(root, with_cuda), sources_digest(root),
+                     cflags=_CFLAGS[:1] + ["-march=native"] + _CFLAGS[1:], ldflags=_LDFLAGS,
+                     cuda_cflags=_CUDA_CFLAGS, with_cuda=with_cuda, identity={"cpu": _host_cpu()})
+
+
+def aot_build_options(root: str) -> dict:
+    """What setup.py compiles ahead of time: portable flags (no -march=native: the binary runs on
+    other machines), CUDA only where torch has CUDA and a CUDA toolkit is present."""
+    with_cuda = _cuda_toolkit_usable()
+    return {"sources": source_files(root, with_cuda), "with_cuda": with_cuda,
+            # -g0: Python's own CFLAGS, which setuptools passes first, carry -g (a 5x larger .so)
+            "cflags": list(_CFLAGS) + ["-g0"], "ldflags": list(_LDFLAGS), "cuda_cflags": list(_CUDA_CFLAGS),
+            "metadata": {**torch_abi(), "with_cuda": with_cuda, "sources": sources_digest(root)}}
+
+
+def _library_path(build_dir: str, spec: BuildSpec) -> str:
+    return os.path.join(build_dir, f"{spec.name}.so")
+
+
+def is_built(build_dir: str, spec: BuildSpec) -> bool:
+    """A finished build of spec is in build_dir (the marker is written only after a build succeeded)."""
+    return (os.path.isfile(os.path.join(build_dir, _DONE))
+            and os.path.isfile(_library_path(build_dir, spec)))
+
+
+# ---- toolchain -----------------------------------------------------------------------------------
+def _ninja_dirs() -> list[str]:
+    """Where a pip-installed ninja lives when its environment is not activated (bin/ of the running
+    interpreter's environment, or the ninja package's own binary directory)."""
+    dirs = [os.path.dirname(sys.executable), sysconfig.get_path("scripts")]
+    try:
+        import ninja
+        dirs.append(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    return [d for d in dirs if d]
+
+
+def find_ninja() -> tuple[str, str | None]:
+    """Return (the ninja torch will run, the directory to put on PATH for it or None), or raise
+    saying how to get one. torch runs plain "ninja": a ninja installed in a virtual environment
+    that is not activated is not on PATH, so the environment's own is looked for too."""
+    found = shutil.which("ninja")
+    if found:
+        return found, None
+    for directory in _ninja_dirs():
+        candidate = shutil.which("ninja", path=directory)
+        if candidate:
+            return candidate, directory
+    raise BuildError(
+        "amdim_kernels: compiling the C++ extension needs ninja, which is not on PATH nor in "
+        f"this Python's environment ({sys.executable}). Install it with `pip install ninja` "
+        "(or `apt-get install ninja-build`, `conda install ninja`); if it is installed in a virtual "
+        f"environment, activate that environment. {_NO_COMPILER_HINT}")
+
+
+@contextlib.contextmanager
+def _path_with(directory: str | None):
+    """PATH with directory in front, for the duration of the build only."""
+    if directory is None:
+        yield
+        return
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([directory] + ([saved] if saved else []))
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = saved
+
+
+def check_compiler() -> str:
+    """Return the C++ compiler torch will run ($CXX, else c++), or raise naming what is missing."""
+    cxx = os.environ.get("CXX", "c++")
+    words = shlex.split(cxx) or ["c++"]
+    found = shutil.which(words[0])
+    if found:
+        return found
+    origin = f"CXX={cxx!r} is set but {words[0]!r} was not found" if "CXX" in os.environ else \
+        "no C++ compiler (c++) is on PATH"
+    raise BuildError(
+        f"amdim_kernels: compiling the C++ extension needs a C++ compiler: {origin}. Install one "
+        "(Debian/Ubuntu: `apt-get install g++`, or `build-essential`; Fedora/RHEL: `dnf install "
+        "gcc-c++`; conda: `conda install -c conda-forge cxx-compiler`) or point CXX at it. "
+        + _NO_COMPILER_HINT)
+
+
+# ---- build lock ----------------------------------------------------------------------------------
+def _describe_holder(lock_path: str) -> str:
+    try:
+        with open(lock_path) as f:
+            owner = json.load(f)
+        return (f"process {owner['pid']} on {owner['host']} (building since "
+                f"{time.strftime('%H:%M:%S', time.localtime(owner['since']))})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: str, timeout_s: float | None = None, poll_s: float = 0.25):
+    """Hold the build lock of build_dir: an flock, so it dies with its holder. While another live
+    process holds it, say who, and give up after timeout_s (AMDIM_KERNELS_BUILD_TIMEOUT, default
+    30 min) with an error naming the holder and the lock file."""
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise BuildError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected a number of "
+                             "seconds") from None
+    os.makedirs(build_dir, exist_ok=True)
+    lock_path = os.path.join(build_dir, _LOCK)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start = time.monotonic()
+        next_note = start
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            now = time.monotonic()
+            if now - start >= timeout_s:
+                raise BuildError(
+                    f"amdim_kernels: gave up after {timeout_s:.0f} s waiting for "
+                    f"{_describe_holder(lock_path)} to finish building the extension in {build_dir}. "
+                    f"If that process is stuck, stop it (the lock is released when it exits: lock "
+                    f"file {lock_path}); set {TIMEOUT_ENV} to wait longer.")
+            if now >= next_note:
+                print(f"amdim_kernels: waiting for {_describe_holder(lock_path)}, which is building "
+                      f"the extension in {build_dir} (giving up after {timeout_s:.0f} s)",
+                      file=sys.stderr, flush=True)
+                next_note = now + 60.0
+            time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.time()}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock; the file stays (removing it would race with waiters)
+
+
+def _remove_stale_torch_lock(build_dir: str) -> None:
+    """torch's FileBaton ("lock") waits forever for a file its creator removes. Every builder of this
+    directory holds our flock while torch's lock exists; so with the flock held, a lock file left
+    there belongs to a process that died mid-build."""
+    stale = os.path.join(build_dir, "lock")
+    if os.path.exists(stale):
+        print(f"amdim_kernels: removing {stale}, left by a build that was interrupted",
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+
+
+# ---- build and load ------------------------------------------------------------------------------
+def build_and_load(spec: BuildSpec, root: str | None = None, what: str = "C++ extension") -> str:
+    """Load spec's build from root (default: torch's extension cache), compiling it first if no
+    finished build is there. Returns the path of the loaded library."""
+    if root is None:
+        from torch.utils.cpp_extension import _get_build_directory
+        build_dir = _get_build_directory(spec.name, verbose=False)  # honours TORCH_EXTENSIONS_DIR
+    else:
+        build_dir = os.path.join(root, spec.name)
+    library = _library_path(build_dir, spec)
+    if not is_built(build_dir, spec):
+        check_compiler()
+        _, ninja_dir = find_ninja()
+        with build_lock(build_dir), _path_with(ninja_dir):
+            if not is_built(build_dir, spec):  # not finished meanwhile by the process we waited for
+                _remove_stale_torch_lock(build_dir)
+                print(f"amdim_kernels: compiling the {what} (once for these sources and flags; "
+                      f"cached in {build_dir}) ...", file=sys.stderr, flush=True)
+                _compile(spec, build_dir)
+                with open(os.path.join(build_dir, _DONE), "w") as f:
+                    json.dump({"name": spec.name, **torch_abi()}, f)
+    torch.ops.load_library(library)
+    return library
+
+
+def _compile(spec: BuildSpec, build_dir: str) -> None:
+    from torch.utils.cpp_extension import load as load_extension
+    try:
+        # is_python_module=False: torch only dlopens the result; the ops register themselves
+        load_extension(name=spec.name, sources=list(spec.sources), extra_cflags=list(spec.cflags),
+                       extra_ldflags=list(spec.ldflags), extra_cuda_cflags=list(spec.cuda_cflags),
+                       with_cuda=spec.with_cuda, build_directory=build_dir, is_python_module=False,
+                       verbose=False)
     except Exception as err:  # surface the compiler's message, not just "ninja failed"
-        raise RuntimeError(f"amdim_kernels: building the C++ extension from {_source_dir()} "
-                           f"failed:\n{err}") from err
+        raise BuildError(f"amdim_kernels: building the extension in {build_dir} failed:\n{err}\n"
+                         + _NO_COMPILER_HINT) from err
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_build() -> tuple[str, dict, str | None] | None:
+    """The ahead-of-time build inside the package: (library, its metadata, why it cannot be used
+    here or None), or None if there is none."""
+    here = package_dir()
+    meta_path = os.path.join(here, AOT_METADATA)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        library = os.path.join(here, AOT_MODULE + suffix)
+        if os.path.isfile(library) and os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            return library, meta, _shipped_mismatch(meta)
+    return None
+
+
+def _shipped_mismatch(meta: dict) -> str | None:
+    """Why the ahead-of-time build cannot be used here, or None if it can."""
+    running = torch_abi()
+    for key, what in (("torch", "torch"), ("cuda", "CUDA"), ("cxx11_abi", "C++ ABI (_GLIBCXX_USE_CXX11_ABI)"),
+                      ("python", "Python"), ("machine", "CPU architecture")):
+        if meta.get(key) != running[key]:
+            return f"was built for {what} {meta.get(key)}, and this is {running[key]}"
+    try:
+        if meta.get("sources") != sources_digest(source_dir()):
+            return "was built from other sources than the csrc/ beside it"
+    except BuildError:
+        pass  # no sources to compare with (or to build from): the shipped build is all there is
+    if not meta.get("with_cuda") and _cuda_toolkit_usable():
+        return "has no CUDA kernels, and this torch and CUDA toolkit can build them"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> str:
+    """Load the ops into torch.ops.amdim_kernels, compiling them first if needed (idempotent).
+    Returns the path of the library loaded."""
+    shipped = shipped_build()
+    if shipped is not None:
+        library, _, why = shipped
+        if why is None:
+            torch.ops.load_library(library)
+            return library
+        print(f"amdim_kernels: not using the prebuilt extension {library}: it {why}; "
+              "using the first-use build instead", file=sys.stderr, flush=True)
+    spec = jit_spec()
+    return build_and_load(spec, what="C++/CUDA extension" if spec.with_cuda else "C++ extension")
