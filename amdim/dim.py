@@ -218,7 +218,8 @@ class DIM(nn.Module):
 
     def probe_features(self, x) -> dict[str, torch.Tensor]:
         """{"conv": the flattened last conv map, "fc": the fc hidden layer, "y": Y}, each (B, F):
-        the three representations the DIM paper's classification results report."""
+        the three representations the DIM paper's classification results report (call it in eval
+        mode, so that BatchNorm uses its running statistics)."""
         _, last, hidden, y = self._encode(x)
         return {"conv": last.flatten(1), "fc": hidden, "y": y}
 

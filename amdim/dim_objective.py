@@ -161,7 +161,8 @@ class DIMObjective:
         if b * world < 2:
             raise ValueError(f"DIM needs negative pairs: a global batch of at least 2 images, got {b * world}")
         parts, loss = {}, y.new_zeros(())
-        conv_cols = gather_rows(conv) if (self.alpha > 0 or self.local_arch == "concat") else None
+        use_cols = self.alpha > 0 or (self.beta > 0 and self.local_arch == "concat")
+        conv_cols = gather_rows(conv) if use_cols else None
         if self.alpha > 0:
             scores = core.global_scores(conv_cols, y)                          # (b, B)
             is_pos = F.one_hot(torch.arange(b, device=y.device) + rank * b, scores.shape[1]).bool()
