@@ -267,14 +267,16 @@ def test_each_player_gets_only_its_own_prior_gradient(prior):
 
 # ---------------------------------------------------------------- training
 
-@pytest.mark.parametrize("preset, arch, margin", [("L", "dot", 0.1), ("L", "concat", 0.004), ("G", "dot", 0.02)])
-def test_short_training_run_raises_the_mi_estimate(preset, arch, margin):
-    """A few Adam steps on one batch of digits: the trained MI term (-its loss) rises steadily
-    (the prior terms are a game, so the total need not fall monotonically)."""
+@pytest.mark.parametrize("weights, arch, prior, margin", [
+    (PRESETS["L"], "dot", "uniform", 0.1), (PRESETS["G"], "dot", "uniform", 0.03),
+    (dict(alpha=0.0, beta=1.0, gamma=0.0), "concat", "none", 0.01)])
+def test_short_training_run_raises_the_mi_estimate(weights, arch, prior, margin):
+    """A few Adam steps on one batch of digits: the trained MI term (-its loss) rises and ends
+    above chance, -2 log 2, where the critic tells positive from negative pairs no better than a
+    constant does. (The prior terms are a game: the total need not fall monotonically.)"""
     from amdim.data import load
     x = load("digits").train.batch(list(range(32)))[0].float() / 255.0
-    obj = DIMObjective(**PRESETS[preset], estimator="jsd", local_arch=arch, prior="uniform",
-                       loss_backend="fused")
+    obj = DIMObjective(**weights, estimator="jsd", local_arch=arch, prior=prior, loss_backend="fused")
     torch.manual_seed(0)
     m = DIM(32, 10, ndf=4, y_dim=16, **obj.model_options())
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
@@ -284,9 +286,9 @@ def test_short_training_run_raises_the_mi_estimate(preset, arch, margin):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        mi.append(parts["mi_local" if preset == "L" else "mi_global"].item())
-    first, last = sum(mi[:5]) / 5, sum(mi[-5:]) / 5
-    assert last > first + margin and mi[-1] > mi[10], mi
+        mi.append(parts["mi_local" if weights["beta"] > 0 else "mi_global"].item())
+    assert sum(mi[-5:]) / 5 > sum(mi[:5]) / 5 + margin, mi
+    assert mi[-1] > -2 * LOG2 + 0.005, mi
 
 
 # ---------------------------------------------------------------- errors
