@@ -30,11 +30,10 @@ import torch.nn.functional as F
 
 import amdim_kernels as ak
 
+from .dim import LOCAL_ARCHS, PRIORS
 from .distributed import gather_rows, world_info
 
 ESTIMATORS = ("jsd", "nce", "dv")
-LOCAL_ARCHS = ("dot", "concat")
-PRIORS = ("uniform", "gaussian", "none")
 LOSS_BACKENDS = ("fused", "reference")
 # DIM(L) and DIM(G) of the DIM paper (section 4): these are its values
 PRESETS = {"L": dict(alpha=0.0, beta=1.0, gamma=0.1), "G": dict(alpha=1.0, beta=0.0, gamma=1.0)}
@@ -52,7 +51,10 @@ def _log_mean_exp_global(x: torch.Tensor) -> torch.Tensor:
 
 def critic_mi(pos: torch.Tensor, neg: torch.Tensor, estimator: str) -> torch.Tensor:
     """MI lower bound of `estimator` from critic scores: pos (N, L) positive pairs, neg (N, K, L)
-    negative pairs, neg[n, :, l] being the negatives of positive (n, l) (K >= 1)."""
+    negative pairs, neg[n, :, l] being the negatives of positive (n, l) (K >= 1). Computed in fp32
+    (at least) whatever the critic's dtype under autocast."""
+    acc = torch.promote_types(pos.dtype, torch.float32)    # fp64 stays fp64
+    pos, neg = pos.to(acc), neg.to(acc)
     if estimator == "jsd":
         return -F.softplus(-pos).mean() - F.softplus(neg).mean()
     if estimator == "nce":
@@ -159,8 +161,9 @@ class DIMObjective:
         rank, world = world_info()
         b = y.shape[0]
         if b * world < 2:
-            raise ValueError(f"DIM needs negative pairs: a global batch of at least 2 images, got {b * world}")
-        parts, loss = {}, y.new_zeros(())
+            raise ValueError(f"DIM needs negative pairs: a global batch of at least 2 images, "
+                             f"got {b * world}")
+        parts, loss = {}, torch.zeros((), device=y.device)
         use_cols = self.alpha > 0 or (self.beta > 0 and self.local_arch == "concat")
         conv_cols = gather_rows(conv) if use_cols else None
         if self.alpha > 0:
@@ -188,8 +191,9 @@ class DIMObjective:
             z = (torch.rand(shape, generator=generator, device=generator.device) if self.prior == "uniform"
                  else torch.randn(shape, generator=generator, device=generator.device))
             z = z[rank * b:(rank + 1) * b].to(device=y.device, dtype=y.dtype)
-            disc = F.softplus(-core.prior_logits(z)).mean() + F.softplus(core.prior_logits(y.detach())).mean()
-            gen = F.softplus(-core.prior_logits(y, detach_params=True)).mean()
+            d_prior, d_y = core.prior_logits(z).float(), core.prior_logits(y.detach()).float()
+            disc = F.softplus(-d_prior).mean() + F.softplus(d_y).mean()
+            gen = F.softplus(-core.prior_logits(y, detach_params=True).float()).mean()
             loss = loss + self.gamma * gen + disc
             parts["prior_gen"], parts["prior_disc"] = gen.detach(), disc.detach()
         return loss, parts
