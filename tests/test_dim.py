@@ -1,13 +1,19 @@
 """Deep InfoMax: encoder shapes, every MI term against plain formulas written here, the critics'
-split first layers against literal concatenation, prior matching's two players, a short training
-run, and the option errors. (Multi-process equality is tested with the trainer.)"""
+split first layers against literal concatenation, prior matching's two players, short training
+runs, two gloo processes against one for the terms that reduce over the global batch, and the
+option errors."""
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from amdim.dim import DIM
+from amdim.distributed import convert_batchnorm
 from amdim.dim_objective import (ESTIMATORS, PRESETS, DIMObjective, concat_pairing, critic_mi,
                                  dot_local_mi)
 
@@ -289,6 +295,63 @@ def test_short_training_run_raises_the_mi_estimate(weights, arch, prior, margin)
         mi.append(parts["mi_local" if weights["beta"] > 0 else "mi_global"].item())
     assert sum(mi[-5:]) / 5 > sum(mi[:5]) / 5 + margin, mi
     assert mi[-1] > -2 * LOG2 + 0.005, mi
+
+
+# ---------------------------------------------------------------- distributed
+
+DIST_CONFIGS = (("concat", "dv"), ("dot", "dv"), ("concat", "nce"))
+
+
+def _dist_loss_and_grads(rank, world, arch, estimator):
+    """Global + local + prior terms of a 6-image global batch, computed on this rank's share."""
+    obj = DIMObjective(0.7, 1.0, 0.5, estimator, arch, "uniform", "reference")
+    torch.manual_seed(0)
+    model = DIM(32, 0, ndf=4, y_dim=8, **obj.model_options())
+    b = 6 // world
+    net = model
+    if world > 1:
+        convert_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    feats, _ = net(images(6)[rank * b:(rank + 1) * b])
+    loss, _ = obj(net, feats, gen(3))
+    loss.backward()   # DDP averages the gradients over the ranks
+    loss = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _dist_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save({c: _dist_loss_and_grads(rank, world, *c) for c in DIST_CONFIGS}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """Negatives from the other rank's images, the DV log-mean-exp over both ranks, prior samples
+    drawn for the global batch: two ranks of 3 images train like one process on all 6."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "result")
+    mp.spawn(_dist_worker, args=(2, port, out), nprocs=2, join=True)
+    for rank in range(2):
+        two = torch.load(f"{out}.{rank}")
+        for config in DIST_CONFIGS:
+            ref_loss, ref = _dist_loss_and_grads(0, 1, *config)
+            loss, grads = two[config]
+            assert loss == pytest.approx(ref_loss, rel=1e-5), config
+            assert grads.keys() == ref.keys()
+            # fp32 sums in another order: tolerance relative to the largest gradient
+            atol = 1e-4 * max(float(g.abs().max()) for g in ref.values())
+            for name, g in grads.items():
+                assert torch.allclose(g, ref[name], rtol=1e-3, atol=atol), (config, name)
 
 
 # ---------------------------------------------------------------- errors
