@@ -49,12 +49,15 @@ def _log_mean_exp_global(x: torch.Tensor) -> torch.Tensor:
     return lse - math.log(x.numel() * world)
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 at least (fp64 stays fp64): critic outputs may be half precision under autocast."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def critic_mi(pos: torch.Tensor, neg: torch.Tensor, estimator: str) -> torch.Tensor:
     """MI lower bound of `estimator` from critic scores: pos (N, L) positive pairs, neg (N, K, L)
-    negative pairs, neg[n, :, l] being the negatives of positive (n, l) (K >= 1). Computed in fp32
-    (at least) whatever the critic's dtype under autocast."""
-    acc = torch.promote_types(pos.dtype, torch.float32)    # fp64 stays fp64
-    pos, neg = pos.to(acc), neg.to(acc)
+    negative pairs, neg[n, :, l] being the negatives of positive (n, l) (K >= 1)."""
+    pos, neg = _acc(pos), _acc(neg)
     if estimator == "jsd":
         return -F.softplus(-pos).mean() - F.softplus(neg).mean()
     if estimator == "nce":
@@ -113,7 +116,8 @@ class DIMObjective:
     non-saturating generator loss gamma * softplus(-D(Y)), with D_phi evaluated on detached
     parameters. D_phi is trained whenever the model has one, also at gamma = 0 (then only as a
     monitor: the encoder gets no prior gradient).
-    n_shuffles: negatives per (Y, location) of the concat critic (see the module docstring).
+    n_shuffles: negatives per (Y, location) of the concat critic, capped at B - 1 (see the module
+    docstring).
     """
 
     def __init__(self, alpha: float, beta: float, gamma: float, estimator: str = "jsd",
@@ -191,9 +195,9 @@ class DIMObjective:
             z = (torch.rand(shape, generator=generator, device=generator.device) if self.prior == "uniform"
                  else torch.randn(shape, generator=generator, device=generator.device))
             z = z[rank * b:(rank + 1) * b].to(device=y.device, dtype=y.dtype)
-            d_prior, d_y = core.prior_logits(z).float(), core.prior_logits(y.detach()).float()
+            d_prior, d_y = _acc(core.prior_logits(z)), _acc(core.prior_logits(y.detach()))
             disc = F.softplus(-d_prior).mean() + F.softplus(d_y).mean()
-            gen = F.softplus(-core.prior_logits(y, detach_params=True).float()).mean()
+            gen = F.softplus(-_acc(core.prior_logits(y, detach_params=True))).mean()
             loss = loss + self.gamma * gen + disc
             parts["prior_gen"], parts["prior_disc"] = gen.detach(), disc.detach()
         return loss, parts
