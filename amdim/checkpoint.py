@@ -161,8 +161,7 @@ def architecture(args: dict, image_size: int) -> dict:
     method = args.get("method", "amdim")
     arch = {"method": method, **{k: args.get(k) for k in _ARCH_OPTIONS[method]}, "image_size": image_size}
     if method == "dim":
-        arch.update(global_critic=args["alpha"] > 0, local_critic=args["beta"] > 0,
-                    prior_critic=args["gamma"] > 0)
+        arch.update(global_critic=args["alpha"] > 0, local_critic=args["beta"] > 0)
     return arch
 
 
@@ -171,7 +170,7 @@ def check_architecture(saved: dict, current: dict, what: str) -> None:
     differ = []
     for k in sorted(set(saved) | set(current)):
         if saved.get(k) != current.get(k):
-            opt = {"global_critic": "--alpha", "local_critic": "--beta", "prior_critic": "--gamma"}.get(
+            opt = {"global_critic": "--alpha", "local_critic": "--beta"}.get(
                 k, "--" + k.replace("_", "-"))
             differ.append(f"{opt} {saved.get(k)!r} (checkpoint) vs {current.get(k)!r}")
     if differ:
@@ -182,9 +181,8 @@ def build_model(arch: dict, n_classes: int) -> torch.nn.Module:
     """A fresh model of the architecture `arch` (see `architecture`)."""
     if arch["method"] == "dim":
         from .dim import DIM
-        prior = arch["prior"] if arch["prior_critic"] else "none"
         return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"],
-                   local_arch=arch["local_arch"], prior=prior, use_global=arch["global_critic"],
+                   local_arch=arch["local_arch"], prior=arch["prior"], use_global=arch["global_critic"],
                    use_local=arch["local_critic"])
     from .model import AMDIM
     return AMDIM(arch["image_size"], arch["ndf"], arch["n_rkhs"], arch["n_depth"], arch["use_bn"],

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .model import OnlineClassifiers
+from .model import Normalize, OnlineClassifiers
 
 LOCAL_ARCHS = ("dot", "concat")
 PRIORS = ("uniform", "gaussian", "none")
@@ -190,6 +190,7 @@ class DIM(nn.Module):
             raise ValueError("use_global and use_local are both False: DIM needs at least one MI critic")
         self.image_size, self.y_dim, self.local_arch, self.prior = image_size, y_dim, local_arch, prior
         self.use_global, self.use_local = use_global, use_local
+        self.normalize = Normalize()
         self.encoder = DIMEncoder(image_size, ndf, y_dim, use_bn)
         c = self.encoder.local_channels
         self.global_critic = GlobalCritic(c, y_dim, 8 * ndf) if use_global else None
@@ -204,7 +205,7 @@ class DIM(nn.Module):
         if x.dim() != 4 or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"DIM input must be (B, C, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
-        local, last, hidden, y = self.encoder(x)
+        local, last, hidden, y = self.encoder(self.normalize(x))
         return local, last, hidden, torch.sigmoid(y) if self.prior == "uniform" else y
 
     def forward(self, x):
@@ -215,6 +216,10 @@ class DIM(nn.Module):
         local, _, hidden, y = self._encode(x)
         logits = self.classifiers(y) if self.classifiers is not None else None
         return {"conv": local, "fc": hidden, "y": y}, logits
+
+    def online_logits(self, x):
+        """(MLP, linear) logits of the online classifiers for images x in [0, 1]."""
+        return self.classifiers(self._encode(x)[3])
 
     def probe_features(self, x) -> dict[str, torch.Tensor]:
         """{"conv": the flattened last conv map, "fc": the fc hidden layer, "y": Y}, each (B, F):

@@ -28,11 +28,11 @@ from .evaluate import image_batches
 from .metrics import METRICS, MetricsLog, Progress, epoch_line
 from .methods import make_step
 from .model import ENCODER_SIZES, AMDIM  # noqa: F401  (AMDIM: re-exported for scripts)
+from .dim_objective import PRESETS as DIM_PRESETS
 from .objective import COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, parse_costs
 
 EXIT_NON_FINITE = 3
 EXIT_IO = 4
-DIM_PRESETS = {"L": dict(alpha=0.0, beta=1.0, gamma=0.1), "G": dict(alpha=1.0, beta=0.0, gamma=1.0)}
 DIM_ONLY = ("alpha", "beta", "gamma", "local_arch", "prior", "y_dim", "dim_preset", "dim_augment")
 AMDIM_ONLY = ("costs", "dense", "n_rkhs", "n_depth", "use_bn", "n_mix", "mix_tau", "mix_alpha", "tclip",
               "reg_weight")
@@ -169,7 +169,8 @@ def resolve_options(args, parser_defaults: dict | None = None) -> None:
         if args.alpha == 0 and args.beta == 0:
             raise ValueError("--alpha and --beta are both 0: DIM needs a global or a local MI term")
         if args.gamma > 0 and args.prior == "none":
-            raise ValueError(f"--gamma {args.gamma:g} weights prior matching, but --prior is none")
+            raise ValueError(f"--gamma {args.gamma:g} weights prior matching, but --prior is none "
+                             f"(pass --gamma 0, or a prior)")
         return
     args.estimator = args.estimator or "nce"
     if args.n_mix > 1 and args.estimator != "nce":

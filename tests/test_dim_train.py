@@ -1,0 +1,78 @@
+"""python -m amdim.train --method dim end to end: learning, exact resume, presets, option errors,
+and amdim.evaluate's probes of the three DIM representations."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amdim import checkpoint, evaluate, train
+from amdim.metrics import METRICS
+
+TINY = ["--method", "dim", "--ndf", "4", "--y-dim", "16", "--batch-size", "32", "--no-eval",
+        "--log-every", "1", "--no-progress"]
+
+
+def _run(out, *extra):
+    args = train.build_parser().parse_args(TINY + ["--out-dir", str(out), *extra])
+    return train.run(args), args
+
+
+@pytest.mark.parametrize("extra", [
+    [],                                                        # DIM(L), dot-product critic, JSD
+    ["--local-arch", "concat", "--estimator", "nce"],
+    ["--dim-preset", "G", "--estimator", "dv"],
+])
+def test_short_dim_training_raises_its_mi_estimate(tmp_path, extra):
+    summary, args = _run(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "20", "--lr", "2e-3", *extra)
+    assert len(summary["losses"]) == 20 and all(np.isfinite(summary["losses"]))
+    with open(tmp_path / "run" / METRICS) as f:
+        records = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    term = "mi_global" if args.alpha > 0 else "mi_local"   # the loss also holds the prior game
+    mi = [r[term] for r in records]
+    assert np.mean(mi[-4:]) > np.mean(mi[:4]) + 0.005, mi
+    ck = checkpoint.load(str(tmp_path / "run" / checkpoint.CHECKPOINT))
+    assert ck["arch"]["method"] == "dim" and ck["args"]["estimator"] == args.estimator
+
+
+def test_presets_fill_the_weights_and_explicit_values_win(tmp_path):
+    _, args = _run(tmp_path / "l", "--epochs", "1", "--steps-per-epoch", "1")
+    assert (args.alpha, args.beta, args.gamma, args.estimator) == (0.0, 1.0, 0.1, "jsd")
+    _, args = _run(tmp_path / "g", "--epochs", "1", "--steps-per-epoch", "1", "--dim-preset", "G",
+                   "--gamma", "0.5")
+    assert (args.alpha, args.beta, args.gamma) == (1.0, 0.0, 0.5)
+
+
+def test_dim_resume_is_exact(tmp_path):
+    common = ["--steps-per-epoch", "2", "--seed", "7", "--dim-augment"]
+    full, _ = _run(tmp_path / "full", "--epochs", "2", *common)
+    _run(tmp_path / "part", "--epochs", "1", *common)
+    rest, _ = _run(tmp_path / "part", "--epochs", "2", *common, "--resume",
+                   str(tmp_path / "part" / checkpoint.CHECKPOINT))
+    assert rest["losses"] == full["losses"][2:]
+    with pytest.raises(SystemExit, match="--beta True .checkpoint. vs False"):
+        _run(tmp_path / "other", "--epochs", "3", *common, "--beta", "0", "--alpha", "1",
+             "--resume", str(tmp_path / "part" / checkpoint.CHECKPOINT))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha", "0", "--beta", "0"], "--alpha and --beta are both 0"),
+    (["--prior", "none"], "--gamma 0.1 weights prior matching, but --prior is none"),
+    (["--image-size", "128"], "image_size must be one of"),
+    (["--n-mix", "2"], "--n-mix does not apply to --method dim"),
+])
+def test_dim_option_errors(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _run(tmp_path / "run", *argv)
+
+
+def test_evaluate_probes_the_three_dim_representations(tmp_path):
+    _run(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "2")
+    ck = str(tmp_path / "run" / checkpoint.CHECKPOINT)
+    res = evaluate.evaluate(ck)
+    assert res["method"] == "dim" and set(res["layers"]) == {"conv", "fc", "y"}
+    assert res["layers"]["y"]["feature_dim"] == 16 and res["layer"] == "conv"
+    only_y = evaluate.evaluate(ck, "random", layers=["y"])
+    assert set(only_y["layers"]) == {"y"}
+    with pytest.raises(ValueError, match="match none"):
+        evaluate.evaluate(ck, layers=["r1"])
