@@ -87,13 +87,16 @@ def nce_loss_reference(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[t
 
 
 def _dim_estimator_loss(s, pos_idx, estimator):
-    """Section 4 over the full (N, B, L) score tensor s."""
-    is_pos = _is_positive(pos_idx, s.shape[1]).expand_as(s)
-    s_pos, s_neg = s[is_pos], s[~is_pos]
-    if estimator == "jsd":
-        neg_term = softplus(s_neg).mean() if s_neg.numel() else s.new_zeros(())
-        return softplus(-s_pos).mean() + neg_term
-    return -(s_pos.mean() - (s_neg.logsumexp(dim=0) - math.log(s_neg.numel())))   # "dv"
+    """Section 4 over the full (N, B, L) score tensor s: masked sums rather than selections, so
+    that no shape depends on the values of pos_idx (torch.compile)."""
+    n, b, l = s.shape
+    is_pos = _is_positive(pos_idx, b).expand_as(s)
+    n_pos, n_neg = n * l, n * (b - 1) * l
+    if estimator == "jsd":   # the mean over no negative pairs (B == 1) counts as 0
+        pos_term = softplus(-s).masked_fill(~is_pos, 0.0).sum() / n_pos
+        return pos_term + softplus(s).masked_fill(is_pos, 0.0).sum() / max(n_neg, 1)
+    pos_mean = s.masked_fill(~is_pos, 0.0).sum() / n_pos                            # "dv"
+    return -(pos_mean - (s.masked_fill(is_pos, -math.inf).reshape(-1).logsumexp(dim=0) - math.log(n_neg)))
 
 
 def mixture_nce_loss_reference(src_mix: torch.Tensor, trg: torch.Tensor,
