@@ -161,6 +161,35 @@ def test_cuda_default_path_never_synchronises(estimator):
 
 
 @pytest.mark.gpu
+def test_cuda_graph_capture_and_poisoning_on_replay():
+    """fwd + bwd captured once; replays see new values, and an invalid pos_idx written into the
+    captured buffer gives NaN (nothing was decided on the host at capture time)."""
+    src, trg, pos_idx = (x.detach().cuda() for x in make_inputs(200, 131, 25, 64))
+    src.requires_grad_(), trg.requires_grad_()
+
+    def step():
+        loss, reg = ak.fused_nce_loss(src, trg, pos_idx)
+        return (loss, reg) + torch.autograd.grad(loss + reg, (src, trg))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        src.mul_(0.5)
+    graph.replay()
+    torch.testing.assert_close(captured, step())
+    pos_idx[7] = 131
+    graph.replay()
+    assert torch.isnan(captured[0]).item() and torch.isnan(captured[1]).item()
+
+
+@pytest.mark.gpu
 def test_cuda_default_poisons_strict_raises(monkeypatch):
     monkeypatch.delenv(_validate.STRICT_ENV, raising=False)
     src, trg, pos_idx = (x.detach().cuda() for x in make_inputs(30, 20, 5, 16))
