@@ -66,6 +66,7 @@ class MixtureLoss(torch.autograd.Function):
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
+    jvp = staticmethod(ops._no_forward_mode("amdim_kernels::mixture_fwd"))
 
 
 class MixtureBackward(torch.autograd.Function):

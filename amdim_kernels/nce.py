@@ -42,7 +42,10 @@ def nce_statistics(src, trg, pos_idx, tclip, neg_reduction):
 
     if src.device.type == "cpu" and src.dtype in (torch.float16, torch.bfloat16):
         src, trg = src.float(), trg.float()   # the CPU kernels accumulate in fp32 from fp32 tiles
-    return ops.NceStatistics.apply(src.contiguous(), trg.contiguous(), pos_idx, tclip, neg_reduction)
+    # torch.compile traces the op with its registered autograd (Dynamo rejects a Function with a
+    # jvp); eager calls take the Function, which torch.func transforms accept.
+    op = ops.nce_fwd if torch.compiler.is_compiling() else ops.NceStatistics.apply
+    return op(src.contiguous(), trg.contiguous(), pos_idx, tclip, neg_reduction)
 
 
 def fused_nce_loss(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[torch.Tensor] = None, *,
@@ -139,7 +142,7 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
         bad = _validate.score_flag(sumsq, src_mix, trg)
         if pos_idx_given and not strict:
             bad = bad | _validate.range_flag(pos_idx, b)
-        loss = mixture.MixtureLoss.apply(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha,
-                                         detach_q)
+        epilogue = mixture.mixture_fwd if torch.compiler.is_compiling() else mixture.MixtureLoss.apply
+        loss = epilogue(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha, detach_q)
         lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
     return _validate.finish((loss, lgt_reg), bad, strict, src_mix=src_mix, trg=trg)

@@ -7,7 +7,7 @@ The autograd formula is registered twice over the same two functions: on the op 
 is differentiable wherever it is called, and opcheck passes) and as `NceStatistics`, an
 autograd.Function with a separate setup_context, which the losses call because torch.func
 transforms (grad, vjp, vmap) accept only such Functions. nce_bwd has no derivative: its autograd
-formula raises instead of silently giving zero.
+formula raises instead of silently giving zero; forward mode (jvp) raises too.
 """
 from __future__ import annotations
 
@@ -74,6 +74,14 @@ def _setup_nothing(ctx, inputs, output):
     pass
 
 
+def _no_forward_mode(op: str):
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+                           f"torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad, "
+                           f"vjp, jacrev), or backend='reference' (plain PyTorch, every mode).")
+    return jvp
+
+
 torch.library.register_autograd("amdim_kernels::nce_fwd", _backward, setup_context=_setup_context)
 torch.library.register_autograd("amdim_kernels::nce_bwd", _no_second_derivative("amdim_kernels::nce_bwd"),
                                 setup_context=_setup_nothing)
@@ -90,6 +98,7 @@ class NceStatistics(torch.autograd.Function):
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
+    jvp = staticmethod(_no_forward_mode("amdim_kernels::nce_fwd"))
 
 
 class NceBackward(torch.autograd.Function):

@@ -286,6 +286,19 @@ def test_torch_func_grad_and_vjp(estimator):
     torch.testing.assert_close(vjp_fn(torch.tensor(1.0, dtype=torch.float64)), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")   # jacrev vmaps the backward
+@pytest.mark.parametrize("fn,k", [(ak.fused_nce_loss, None), (ak.fused_mixture_nce_loss, 2)])
+def test_forward_mode_raises_a_clear_error(fn, k):
+    src, trg, pos_idx = (x.detach() for x in make_inputs(5, 4, 3, 4, torch.float64, k=k))
+    with pytest.raises(RuntimeError, match="no forward-mode derivative.*backend='reference'"):
+        torch.func.jvp(lambda s: fn(s, trg, pos_idx)[0], (src,), (torch.ones_like(src),))
+    # reverse mode over the same function: jacrev of the (loss, lgt_reg) pair
+    jac = torch.func.jacrev(lambda s: torch.stack(fn(s, trg, pos_idx)))(src)
+    ref = ak.nce_loss_reference if k is None else ak.mixture_nce_loss_reference
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda s: torch.stack(ref(s, trg, pos_idx)))(src),
+                               rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")   # vmap loops over the op
 def test_torch_func_vmap_and_per_sample_grad():
     srcs, trg, _ = make_inputs(3, 5, 3, 4, torch.float64, k=6, requires_grad=False)  # 3 problems (6, 4)
