@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -30,12 +30,11 @@ _F32 = torch.finfo(torch.float32)
 # The kernels compute in float32 for every input dtype but float64. tclip scales the scores
 # (a / tclip, tclip * tanh(.), (s / tclip)^2): tclip and tclip^2 must be normal float32 numbers.
 TCLIP_RANGE = (math.sqrt(_F32.tiny), math.sqrt(_F32.max))          # about [1.1e-19, 1.8e19]
-# The mixture epilogue forms tau * nce, alpha * H(q), 1 / tau and tau * (1 - alpha * tau) in
-# float32; beyond these bounds q is uniform or one-hot for any realistic nce anyway.
+# The mixture epilogue forms tau * nce, 1 / tau, alpha * H(q) and tau * (1 - alpha * tau) in
+# float32: these bounds keep them finite (|tau * (1 - alpha * tau)| <= 1e18). For nce gaps of
+# order 1, q is already within 1e-6 of uniform at tau = 1e-6 and one-hot at tau = 1e6.
 TAU_RANGE = (1e-6, 1e6)
 ALPHA_MAX = 1e6
-
-Real = Union[int, float]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
