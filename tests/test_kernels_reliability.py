@@ -140,24 +140,38 @@ def test_strict_resolution_and_environment_variable(monkeypatch):
 
 # -------------------------------------------------------------------------------- CUDA (gpu mark)
 
+HALF_SYNC = pytest.mark.xfail(strict=True, reason="the CUDA nce_bwd binding (csrc/cuda/nce_cuda.cpp, "
+                              "half_g_scale) copies five scalars to the host to scale fp16 gradients")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_cuda_default_path_never_synchronises(estimator):
-    src, trg, pos_idx = (x.detach().cuda() for x in make_inputs(300, 257, 25, 64))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16,
+                                   pytest.param(torch.float16, marks=HALF_SYNC)], ids=str)
+def test_cuda_default_path_never_synchronises(estimator, dtype):
+    src, trg, pos_idx = (x.detach().cuda() for x in make_inputs(300, 257, 25, 64, dtype))
     src.requires_grad_(), trg.requires_grad_()
-    mix = make_inputs(100, 257, 25, 64, k=3)[0].detach().cuda().requires_grad_()
-    ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator)   # warm-up: build, autotune
-    ak.fused_mixture_nce_loss(mix, trg, pos_idx[:100])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    mix = make_inputs(100, 257, 25, 64, dtype, k=3)[0].detach().cuda().requires_grad_()
+    r_trg = trg.detach().reshape(-1, 64).t().contiguous().requires_grad_()
+    mask = torch.nn.functional.one_hot(pos_idx, 257).bool()
+
+    def step():
         loss, reg = ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator)
         (loss + reg).backward()
         loss, reg = ak.fused_mixture_nce_loss(mix, trg, pos_idx[:100], detach_q=False, alpha=0.3)
         (loss + reg).backward()
+        loss, reg = compat.g2l_loss(src, r_trg, mask)
+        (loss + reg).backward()
+        return loss
+
+    step()   # warm-up: build, autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(loss).item() and src.grad is not None and mix.grad is not None
+    assert torch.isfinite(loss).item() and torch.isfinite(src.grad).all().item()
 
 
 @pytest.mark.gpu
