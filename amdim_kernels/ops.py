@@ -5,8 +5,9 @@ registered here as the CUDA kernel of nce_fwd when Triton is importable.
 
 The autograd formula is registered twice over the same two functions: on the op (so that the op
 is differentiable wherever it is called, and opcheck passes) and as `NceStatistics`, an
-autograd.Function with a separate setup_context, which the losses call because torch.func
-transforms (grad, vjp, vmap) accept only such Functions. nce_bwd has no derivative: its autograd
+autograd.Function with a separate setup_context, which the losses call in eager mode because
+torch.func transforms (grad, vjp, vmap) accept only such Functions (under torch.compile they call
+the op: Dynamo does not trace a Function that defines jvp). nce_bwd has no derivative: its autograd
 formula raises instead of silently giving zero; forward mode (jvp) raises too.
 """
 from __future__ import annotations

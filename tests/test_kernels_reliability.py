@@ -251,6 +251,15 @@ def test_gradgradcheck_raises_and_reference_supports_it():
         lambda s, t: ak.fused_nce_loss(s, t, pos_idx, backend="reference")[0], (src, trg))
 
 
+@pytest.mark.parametrize("fn,k", [(ak.fused_nce_loss, None), (ak.fused_mixture_nce_loss, 2)])
+def test_nested_torch_func_grad_raises(fn, k):
+    src, trg, pos_idx = (x.detach() for x in make_inputs(5, 4, 3, 4, torch.float64, k=k))
+    inner = torch.func.grad(lambda s: fn(s, trg, pos_idx)[0])
+    inner(src)   # first order is fine
+    with pytest.raises(RuntimeError, match="no second derivative.*backend='reference'"):
+        torch.func.grad(lambda s: inner(s).square().sum())(src)
+
+
 def test_mixture_double_backward_raises():
     src_mix, trg, pos_idx = make_inputs(6, 5, 3, 4, torch.float64, k=2)
     loss, _ = ak.fused_mixture_nce_loss(src_mix, trg, pos_idx, detach_q=False, alpha=0.2)
