@@ -50,4 +50,4 @@ def g2l_loss(r_src: torch.Tensor, r_trg: torch.Tensor, mask_mat: torch.Tensor,
     trg = r_trg.t().reshape(b, r_trg.shape[1] // b, d)
     out = _fused_nce_loss(r_src, trg, pos_idx, tclip, 0.05, "nce", "auto", strict,
                           src_name="r_src", trg_name="r_trg")
-    return out if strict else _validate.poison(out, ~one_hot.all())
+    return _validate.poison(out, None if strict else ~one_hot.all())

@@ -85,12 +85,12 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     with _validate.autocast_disabled(src.device):
         pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
-        bad = _validate.score_flag(sumsq, src, trg)
+        bad = _validate.check_scores(sumsq, strict, **{src_name: src, trg_name: trg})
         if pos_idx_given and not strict:   # a strict call has checked the range already
             bad = bad | _validate.range_flag(pos_idx, b)
         loss = estimator_loss(estimator, pos, neg_stat, b)
         lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
-    return _validate.finish((loss, lgt_reg), bad, strict, **{src_name: src, trg_name: trg})
+    return _validate.poison((loss, lgt_reg), bad)
 
 
 def estimator_loss(estimator: str, pos: torch.Tensor, neg_stat: torch.Tensor, b: int) -> torch.Tensor:
@@ -139,10 +139,10 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
         pos, lse_neg, sumsq = nce_statistics(src_mix.reshape(n * k, d), trg,
                                              pos_idx[:, None].expand(n, k).reshape(n * k),
                                              tclip, "logsumexp")
-        bad = _validate.score_flag(sumsq, src_mix, trg)
+        bad = _validate.check_scores(sumsq, strict, src_mix=src_mix, trg=trg)
         if pos_idx_given and not strict:
             bad = bad | _validate.range_flag(pos_idx, b)
         epilogue = mixture.mixture_fwd if torch.compiler.is_compiling() else mixture.MixtureLoss.apply
         loss = epilogue(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha, detach_q)
         lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
-    return _validate.finish((loss, lgt_reg), bad, strict, src_mix=src_mix, trg=trg)
+    return _validate.poison((loss, lgt_reg), bad)

@@ -52,7 +52,8 @@ def _checked_scores(src, trg, pos_idx, strict, names):
     a = raw_scores(src, trg)
     bad = ~torch.isfinite(a).all()
     if strict:
-        _validate.finish((), bad, True, **names)
+        if bool(bad):
+            _validate.raise_non_finite(**names)
         return a, pos_idx, None
     b = trg.shape[0]
     bad = bad | _validate.range_flag(pos_idx, b)
@@ -83,7 +84,7 @@ def nce_loss_reference(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[t
             loss = F.softplus(lse_neg[:, None] - pos).mean()
         else:
             loss = _dim_estimator_loss(s, pos_idx, estimator)
-    return _validate.finish((loss, lgt_reg), bad, strict)
+    return _validate.poison((loss, lgt_reg), bad)
 
 
 def _dim_estimator_loss(s, pos_idx, estimator):
@@ -131,4 +132,4 @@ def mixture_nce_loss_reference(src_mix: torch.Tensor, trg: torch.Tensor,
         entropy = -(q * log_q).sum(dim=1)
         objective = (q * nce).sum(dim=1) + alpha * entropy
         loss, lgt_reg = -objective.mean(), _validate.regulariser(a.square().mean(), reg_weight)
-    return _validate.finish((loss, lgt_reg), bad, strict)
+    return _validate.poison((loss, lgt_reg), bad)
