@@ -61,7 +61,7 @@ def fused_nce_loss(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[torch
     "nce" gives 0, "jsd" keeps only its positive term and "dv" raises ValueError.
 
     strict: how pos_idx outside [0, B) and NaN/Inf scores are reported. True: a ValueError naming
-    the argument (reads a flag back from the device: a host synchronisation). False: no host read;
+    the argument (reads values back from the device: a host synchronisation). False: no host read;
     loss and lgt_reg are NaN. None (default): True for CPU tensors, False for CUDA tensors, or
     True everywhere when the environment variable AMDIM_KERNELS_STRICT=1. Under torch.compile and
     torch.func.vmap nothing is read back: always NaN.
