@@ -38,12 +38,48 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss):
+    need_pos, need_neg_stat = ctx.needs_input_grad[:2]
+    if not (need_pos or need_neg_stat):
+        return None, None, None, None, None
     pos, neg_stat = ctx.saved_tensors
-    grad_pos, grad_neg_stat = mixture_bwd(grad_loss, pos, neg_stat, ctx.tau, ctx.alpha, ctx.detach_q)
-    return grad_pos, grad_neg_stat, None, None, None
+    args = (grad_loss, pos, neg_stat, ctx.tau, ctx.alpha, ctx.detach_q)
+    # With create_graph=True (grad mode on here) the result must refuse a second backward.
+    grad_pos, grad_neg_stat = (MixtureBackward.apply(*args) if torch.is_grad_enabled()
+                               else mixture_bwd(*args))
+    return (grad_pos if need_pos else None), (grad_neg_stat if need_neg_stat else None), None, None, None
 
 
 torch.library.register_autograd("amdim_kernels::mixture_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("amdim_kernels::mixture_bwd",
+                                ops._no_second_derivative("amdim_kernels::mixture_bwd"),
+                                setup_context=ops._setup_nothing)
+
+
+class MixtureLoss(torch.autograd.Function):
+    """mixture_fwd with its autograd formula, usable under torch.func transforms (see
+    ops.NceStatistics)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pos, neg_stat, tau, alpha, detach_q):
+        return mixture_fwd(pos, neg_stat, tau, alpha, detach_q)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+    jvp = staticmethod(ops._no_forward_mode("amdim_kernels::mixture_fwd"))
+
+
+class MixtureBackward(torch.autograd.Function):
+    """mixture_bwd where its result may be differentiated (create_graph=True): that raises."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return mixture_bwd(*args)
+
+    setup_context = staticmethod(ops._setup_nothing)
+    backward = staticmethod(ops._no_second_derivative("amdim_kernels::mixture_bwd"))
+
 
 # The CUDA kernels follow nce_fwd's: Triton, where the Triton nce_fwd could be registered.
 if ops.HAS_TRITON_CUDA:

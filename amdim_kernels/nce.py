@@ -3,13 +3,14 @@ dispatch point to their backends."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _validate
-from .reference import (check_estimator, check_mixture_inputs, mixture_nce_loss_reference,
-                        nce_loss_reference, softplus)
+from ._validate import softplus
+from .reference import mixture_nce_loss_reference, nce_loss_reference
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 _FUSED_DEVICE = {"cpp": "cpu", "triton": "cuda"}   # where each fused backend runs
@@ -41,38 +42,58 @@ def nce_statistics(src, trg, pos_idx, tclip, neg_reduction):
 
     if src.device.type == "cpu" and src.dtype in (torch.float16, torch.bfloat16):
         src, trg = src.float(), trg.float()   # the CPU kernels accumulate in fp32 from fp32 tiles
-    return ops.nce_fwd(src.contiguous(), trg.contiguous(), pos_idx, tclip, neg_reduction)
+    # torch.compile traces the op with its registered autograd (Dynamo rejects a Function with a
+    # jvp); eager calls take the Function, which torch.func transforms accept.
+    op = ops.nce_fwd if torch.compiler.is_compiling() else ops.NceStatistics.apply
+    return op(src.contiguous(), trg.contiguous(), pos_idx, tclip, neg_reduction)
 
 
-def fused_nce_loss(src, trg, pos_idx=None, *, tclip=20.0, reg_weight=0.05, estimator="nce",
-                   backend="auto"):
-    """AMDIM NCE loss (shared/spec/losses.md, section 1) without materialising N x M scores, or with
+def fused_nce_loss(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[torch.Tensor] = None, *,
+                   tclip: Optional[float] = 20.0, reg_weight: float = 0.05, estimator: str = "nce",
+                   backend: str = "auto", strict: Optional[bool] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMDIM NCE loss (docs/losses.md, section 1) without materialising N x M scores, or with
     estimator="jsd" / "dv" the DIM estimators of section 4 over the same pairs, fused the same way.
 
     A drop-in for nce_loss_reference. src: (N, D); trg: (B, L, D); pos_idx: (N,) ints in [0, B),
     or None when N == B. Returns (loss, lgt_reg): 0-dim float32 tensors (float64 for float64
-    inputs), differentiable with respect to src and trg. With B == 1 (no negative pairs) "nce"
-    gives 0, "jsd" keeps only its positive term and "dv" raises ValueError.
+    inputs), differentiable once with respect to src and trg. With B == 1 (no negative pairs)
+    "nce" gives 0, "jsd" keeps only its positive term and "dv" raises ValueError.
+
+    strict: how pos_idx outside [0, B) and NaN/Inf scores are reported. True: a ValueError naming
+    the argument (reads values back from the device: a host synchronisation). False: no host read;
+    loss and lgt_reg are NaN. None (default): True for CPU tensors, False for CUDA tensors, or
+    True everywhere when the environment variable AMDIM_KERNELS_STRICT=1. Under torch.compile and
+    torch.func.vmap nothing is read back: always NaN.
     """
-    # the fused kernels only compare pos_idx with column samples: its range is checked afterwards
-    given_pos_idx = pos_idx is not None
-    pos_idx = _validate.check_nce_inputs(src, trg, pos_idx, tclip, reg_weight,
-                                         check_range=backend == "reference")
-    check_estimator(estimator, trg.shape[0])
+    return _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, strict)
+
+
+def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, strict,
+                    src_name="src", trg_name="trg"):
+    """fused_nce_loss, with the caller's names for src and trg in its errors."""
+    strict = _validate.resolve_strict(strict, src)
+    pos_idx_given = pos_idx is not None
+    pos_idx = _validate.check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, strict=strict,
+                                         src_name=src_name, trg_name=trg_name)
+    b = trg.shape[0]
+    _validate.check_estimator(estimator, b)
     backend = resolve_backend(backend, src.device)
     if backend == "reference":
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
-                                  estimator=estimator)
+                                  estimator=estimator, strict=strict)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
-    pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
-    _validate.check_fused_outputs(pos_idx if given_pos_idx else None, trg.shape[0], sumsq,
-                                  src=src, trg=trg)
-    loss = estimator_loss(estimator, pos, neg_stat, trg.shape[0])
-    lgt_reg = sumsq * (reg_weight / (trg.shape[0] * pos.numel()))
-    return loss, lgt_reg
+    with _validate.autocast_disabled(src.device):
+        pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
+        bad = _validate.check_scores(sumsq, strict, **{src_name: src, trg_name: trg})
+        if pos_idx_given and not strict:   # a strict call has checked the range already
+            bad = bad | _validate.range_flag(pos_idx, b)
+        loss = estimator_loss(estimator, pos, neg_stat, b)
+        lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
+    return _validate.poison((loss, lgt_reg), bad)
 
 
-def estimator_loss(estimator, pos, neg_stat, b):
+def estimator_loss(estimator: str, pos: torch.Tensor, neg_stat: torch.Tensor, b: int) -> torch.Tensor:
     """The loss of `estimator` from nce_fwd's (pos (N, L), neg_stat (N,)) for B target samples;
     neg_stat is the negatives' logsumexp ("nce", "dv") or softplus sum ("jsd") per row."""
     if estimator == "nce":
@@ -84,9 +105,13 @@ def estimator_loss(estimator, pos, neg_stat, b):
     return -(pos.mean() - (torch.logsumexp(neg_stat, dim=0) - math.log(n_neg_pairs)))
 
 
-def fused_mixture_nce_loss(src_mix, trg, pos_idx=None, *, tau=1.0, alpha=None, detach_q=True,
-                           tclip=20.0, reg_weight=0.05, backend="auto"):
-    """Mixture NCE loss (spec section 3) without materialising N*k x M scores.
+def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
+                           pos_idx: Optional[torch.Tensor] = None, *, tau: float = 1.0,
+                           alpha: Optional[float] = None, detach_q: bool = True,
+                           tclip: Optional[float] = 20.0, reg_weight: float = 0.05,
+                           backend: str = "auto", strict: Optional[bool] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture NCE loss (docs/losses.md, section 3) without materialising N*k x M scores.
 
     A drop-in for mixture_nce_loss_reference. src_mix: (N, k, D), k mixture components per source;
     trg, pos_idx as in fused_nce_loss. Each component is scored with its own negatives, giving
@@ -94,22 +119,30 @@ def fused_mixture_nce_loss(src_mix, trg, pos_idx=None, *, tau=1.0, alpha=None, d
     (sum_j q_j nce_j + alpha * H(q)), alpha = 1 / tau when None (q is then the optimal q).
     detach_q=True treats q as a constant in the backward; False differentiates through it.
     lgt_reg = reg_weight * mean of a^2 over all N * k * B * L component scores a.
-    k = 1 gives exactly fused_nce_loss.
+    k = 1 gives exactly fused_nce_loss. strict: as in fused_nce_loss.
     """
-    pos_idx, alpha = check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip,
-                                          reg_weight)
+    strict = _validate.resolve_strict(strict, src_mix)
+    pos_idx_given = pos_idx is not None
+    pos_idx, alpha = _validate.check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q,
+                                                    tclip, reg_weight, strict=strict)
     backend = resolve_backend(backend, src_mix.device)
     if backend == "reference":
         return mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=tau, alpha=alpha,
-                                          detach_q=detach_q, tclip=tclip, reg_weight=reg_weight)
+                                          detach_q=detach_q, tclip=tclip, reg_weight=reg_weight,
+                                          strict=strict)
     from . import mixture  # registers the epilogue ops (and builds the extension) on first use
 
     n, k, d = src_mix.shape
-    # Component rows r = i*k + j go through the same tiled pass as plain sources.
-    pos, lse_neg, sumsq = nce_statistics(src_mix.reshape(n * k, d), trg,
-                                         pos_idx.repeat_interleave(k), tclip, "logsumexp")
-    # check_mixture_inputs has checked the pos_idx range already
-    _validate.check_fused_outputs(None, trg.shape[0], sumsq, src_mix=src_mix, trg=trg)
-    loss = mixture.mixture_fwd(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha, detach_q)
-    lgt_reg = sumsq * (reg_weight / (trg.shape[0] * pos.numel()))
-    return loss, lgt_reg
+    b = trg.shape[0]
+    with _validate.autocast_disabled(src_mix.device):
+        # Component rows r = i*k + j go through the same tiled pass as plain sources.
+        pos, lse_neg, sumsq = nce_statistics(src_mix.reshape(n * k, d), trg,
+                                             pos_idx[:, None].expand(n, k).reshape(n * k),
+                                             tclip, "logsumexp")
+        bad = _validate.check_scores(sumsq, strict, src_mix=src_mix, trg=trg)
+        if pos_idx_given and not strict:
+            bad = bad | _validate.range_flag(pos_idx, b)
+        epilogue = mixture.mixture_fwd if torch.compiler.is_compiling() else mixture.MixtureLoss.apply
+        loss = epilogue(pos.view(n, k, -1), lse_neg.view(n, k), float(tau), alpha, detach_q)
+        lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
+    return _validate.poison((loss, lgt_reg), bad)

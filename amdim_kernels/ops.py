@@ -2,17 +2,29 @@
 
 The schemas and the CPU/CUDA kernels come from the C++ extension (csrc/); the Triton forward is
 registered here as the CUDA kernel of nce_fwd when Triton is importable.
+
+The autograd formula is registered twice over the same two functions: on the op (so that the op
+is differentiable wherever it is called, and opcheck passes) and as `NceStatistics`, an
+autograd.Function with a separate setup_context, which the losses call in eager mode because
+torch.func transforms (grad, vjp, vmap) accept only such Functions (under torch.compile they call
+the op: Dynamo does not trace a Function that defines jvp). nce_bwd has no derivative: its autograd
+formula raises instead of silently giving zero; forward mode (jvp) raises too.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _extension
-from .reference import acc_dtype
+from ._validate import acc_dtype
 
 _extension.load()
 nce_fwd = torch.ops.amdim_kernels.nce_fwd
 nce_bwd = torch.ops.amdim_kernels.nce_bwd
+
+SECOND_DERIVATIVE_MISSING = (
+    "{op} has no second derivative: the fused losses can be differentiated once, not twice "
+    "(create_graph=True and then backward through the gradient, e.g. a gradient penalty, or "
+    "nested torch.func.grad). Use backend='reference' (plain PyTorch, any order) for such objectives.")
 
 
 @torch.library.register_fake("amdim_kernels::nce_fwd")
@@ -36,18 +48,70 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_pos, grad_neg_stat, grad_sumsq):
+    need_src, need_trg = ctx.needs_input_grad[:2]
+    if not (need_src or need_trg):
+        return None, None, None, None, None
     src, trg, pos_idx, neg_stat = ctx.saved_tensors
     # An output that did not reach the loss has no gradient: it contributes zero.
     if grad_pos is None:
         grad_pos = neg_stat.new_zeros(neg_stat.shape[0], trg.shape[1])
     grad_neg_stat = torch.zeros_like(neg_stat) if grad_neg_stat is None else grad_neg_stat
     grad_sumsq = neg_stat.new_zeros(()) if grad_sumsq is None else grad_sumsq
-    grad_src, grad_trg = nce_bwd(grad_pos.contiguous(), grad_neg_stat.contiguous(), grad_sumsq,
-                                 src, trg, pos_idx, neg_stat, ctx.tclip, ctx.neg_reduction)
-    return grad_src, grad_trg, None, None, None
+    args = (grad_pos.contiguous(), grad_neg_stat.contiguous(), grad_sumsq, src, trg, pos_idx,
+            neg_stat, ctx.tclip, ctx.neg_reduction)
+    # With create_graph=True (grad mode on here) the result must refuse a second backward.
+    grad_src, grad_trg = NceBackward.apply(*args) if torch.is_grad_enabled() else nce_bwd(*args)
+    # nce_bwd forms both products; autograd gets only the gradients that were asked for.
+    return (grad_src if need_src else None), (grad_trg if need_trg else None), None, None, None
+
+
+def _no_second_derivative(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(SECOND_DERIVATIVE_MISSING.format(op=op))
+    return backward
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+def _no_forward_mode(op: str):
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+                           f"torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad, "
+                           f"vjp, jacrev), or backend='reference' (plain PyTorch, every mode).")
+    return jvp
 
 
 torch.library.register_autograd("amdim_kernels::nce_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("amdim_kernels::nce_bwd", _no_second_derivative("amdim_kernels::nce_bwd"),
+                                setup_context=_setup_nothing)
+
+
+class NceStatistics(torch.autograd.Function):
+    """nce_fwd with its autograd formula, usable under torch.func transforms (vmap runs the op
+    once per batch element: it has no batching rule)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(src, trg, pos_idx, tclip, neg_reduction):
+        return nce_fwd(src, trg, pos_idx, tclip, neg_reduction)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_no_forward_mode("amdim_kernels::nce_fwd"))
+
+
+class NceBackward(torch.autograd.Function):
+    """nce_bwd where its result may be differentiated (create_graph=True): that raises."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return nce_bwd(*args)
+
+    setup_context = staticmethod(_setup_nothing)
+    backward = staticmethod(_no_second_derivative("amdim_kernels::nce_bwd"))
 
 
 def _register_triton_cuda() -> str | None:

@@ -1,5 +1,17 @@
-"""Shared by the fused-vs-reference tests: run a loss with its gradients, compare two such runs."""
+"""Shared by the loss tests: input builders, running a loss with its gradients, and the two ways
+of comparing a fused result with the reference (tolerances, or error within plain torch's)."""
 import torch
+
+
+def make_inputs(n, b, l, d, dtype=torch.float32, *, k=None, seed=0, scale=1.0, requires_grad=True):
+    """src (N, D), or src_mix (N, k, D) when k is given, trg (B, L, D) and pos_idx (N,) in [0, B).
+    Drawn in float64 and rounded to dtype, so every dtype sees the same values."""
+    g = torch.Generator().manual_seed(seed)
+    src_shape = (n, d) if k is None else (n, k, d)
+    src = (torch.randn(src_shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    trg = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    pos_idx = torch.randint(0, b, (n,), generator=g)
+    return src.requires_grad_(requires_grad), trg.requires_grad_(requires_grad), pos_idx
 
 
 def loss_and_grads(fn, src, trg, pos_idx, w_loss=0.7, w_reg=1.3, **kw):
@@ -13,3 +25,16 @@ def assert_matches(fused, ref, rtol, atol):
     for name, f, r in zip(("loss", "lgt_reg", "grad src", "grad trg"), fused, ref):
         assert f.dtype == r.dtype, name
         torch.testing.assert_close(f, r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_error_within_torch_error(fused_fn, ref_fn, src, trg, pos_idx, **kw):
+    """Against the float64 reference, the fused fp32 result may err by no more than twice the
+    fp32 reference does (summation orders differ), plus 1e-5 relative."""
+    def run(fn, dtype):
+        return loss_and_grads(fn, src.detach().to(dtype).requires_grad_(),
+                              trg.detach().to(dtype).requires_grad_(), pos_idx, **kw)
+    truth = run(ref_fn, torch.float64)
+    for name, f, r, t in zip(("loss", "lgt_reg", "grad src", "grad trg"), run(fused_fn, torch.float32),
+                             run(ref_fn, torch.float32), truth):
+        err, err_torch = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+        assert err <= 2 * err_torch + 1e-5 * t.abs().max().item(), (name, err, err_torch)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import amdim_kernels as ak
-from loss_checks import assert_matches, loss_and_grads
+from loss_checks import assert_error_within_torch_error, assert_matches, loss_and_grads, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton kernels run
 
@@ -22,13 +22,6 @@ OPTIONS = [(1.0, None, True, 20.0), (0.5, 0.3, False, 20.0), (2.0, 0.0, True, No
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 
 
-def make(n, k, b, l, d, dtype, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    src_mix = (torch.randn(n, k, d, generator=g, dtype=torch.float64) * scale).to(dtype)
-    trg = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * scale).to(dtype)
-    pos_idx = torch.randint(0, b, (n,), generator=g)
-    return src_mix.requires_grad_(), trg.requires_grad_(), pos_idx
-
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -37,7 +30,7 @@ def make(n, k, b, l, d, dtype, seed=0, scale=2.0):
 def test_matches_reference(shape, k, options, dtype):
     tau, alpha, detach_q, tclip = options
     n, b, l, d = shape
-    src_mix, trg, pos_idx = make(n, k, b, l, d, dtype)
+    src_mix, trg, pos_idx = make_inputs(n, b, l, d, dtype, k=k, scale=2.0)
     kw = dict(tau=tau, alpha=alpha, detach_q=detach_q, tclip=tclip)
     fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
     ref = loss_and_grads(ak.mixture_nce_loss_reference, src_mix, trg, pos_idx, **kw)
@@ -47,7 +40,7 @@ def test_matches_reference(shape, k, options, dtype):
 def test_reference_matches_a_loop_over_the_spec():
     """The reference against spec section 3 spelled out per (i, l) with op 1 per component."""
     n, k, b, l, d = 3, 3, 4, 2, 5
-    src_mix, trg, pos_idx = make(n, k, b, l, d, torch.float64)
+    src_mix, trg, pos_idx = make_inputs(n, b, l, d, torch.float64, k=k, scale=2.0)
     tau, alpha = 0.7, 0.4
     s = torch.stack([5.0 * torch.tanh(src_mix[:, j] @ trg.reshape(b * l, d).T / math.sqrt(d) / 5.0)
                      for j in range(k)]).view(k, n, b, l).detach()
@@ -69,7 +62,7 @@ def test_reference_matches_a_loop_over_the_spec():
 @pytest.mark.parametrize("detach_q", [True, False])
 def test_k1_is_the_nce_loss(detach_q):
     # tclip = 5 keeps Z - P below 20, where F.softplus (used by fused_nce_loss) is exact.
-    src_mix, trg, pos_idx = make(9, 1, 6, 7, 11, torch.float64)
+    src_mix, trg, pos_idx = make_inputs(9, 6, 7, 11, torch.float64, k=1, scale=2.0)
     mix = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, tau=3.0, alpha=0.2,
                          detach_q=detach_q, tclip=5.0)
     src = src_mix.detach()[:, 0].requires_grad_()
@@ -78,7 +71,7 @@ def test_k1_is_the_nce_loss(detach_q):
 
 
 def test_detach_q_is_exact_only_at_the_optimal_alpha():
-    src_mix, trg, pos_idx = make(8, 3, 8, 5, 6, torch.float64)
+    src_mix, trg, pos_idx = make_inputs(8, 8, 5, 6, torch.float64, k=3, scale=2.0)
     grads = {}
     for alpha in (None, 0.1):            # tau = 2: alpha None = 0.5 is optimal
         for detach_q in (True, False):
@@ -94,7 +87,7 @@ def test_detach_q_is_exact_only_at_the_optimal_alpha():
 @pytest.mark.parametrize("detach_q", [True, False])
 def test_single_sample_gives_uniform_q_and_zero_gradient(detach_q):
     # B == 1: no negatives, every nce_j = 0, q uniform, loss = -alpha * log k, no gradient.
-    src_mix, trg, _ = make(5, 4, 1, 3, 6, torch.float32)
+    src_mix, trg, _ = make_inputs(5, 1, 3, 6, torch.float32, k=4, scale=2.0)
     pos_idx = torch.zeros(5, dtype=torch.long)
     loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
                                              tau=2.0, detach_q=detach_q, w_reg=0.0)
@@ -105,7 +98,7 @@ def test_single_sample_gives_uniform_q_and_zero_gradient(detach_q):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_fp32(dtype):
-    src_mix, trg, pos_idx = make(12, 3, 10, 9, 16, dtype, scale=1.0)
+    src_mix, trg, pos_idx = make_inputs(12, 10, 9, 16, dtype, k=3)
     loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
                                              detach_q=False, alpha=0.2)
     assert loss.dtype == reg.dtype == torch.float32 and g_src.dtype == g_trg.dtype == dtype
@@ -120,7 +113,7 @@ def test_half_inputs_accumulate_in_fp32(dtype):
 
 @pytest.mark.parametrize("detach_q,alpha", [(True, None), (False, 0.3)])
 def test_gradcheck_fused(detach_q, alpha):
-    src_mix, trg, pos_idx = make(5, 3, 4, 3, 4, torch.float64, scale=1.0)
+    src_mix, trg, pos_idx = make_inputs(5, 4, 3, 4, torch.float64, k=3)
     fn = lambda s, t: ak.fused_mixture_nce_loss(s, t, pos_idx, tau=1.5, alpha=alpha,  # noqa: E731
                                                 detach_q=detach_q, tclip=4.0)
     assert torch.autograd.gradcheck(fn, (src_mix, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -198,7 +191,7 @@ def test_triton_epilogue_compiles_for_sm90():
 
 
 def test_backends():
-    src_mix, trg, pos_idx = make(6, 2, 5, 4, 7, torch.float64)
+    src_mix, trg, pos_idx = make_inputs(6, 5, 4, 7, torch.float64, k=2, scale=2.0)
     ref = ak.mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=1.5)
     for backend in ("auto", "cpp", "reference"):
         out = ak.fused_mixture_nce_loss(src_mix, trg, pos_idx, tau=1.5, backend=backend)
@@ -225,8 +218,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
     assert extra < nk_by_m / 10, f"peak RSS grew by {extra / 2**20:.1f} MiB; N*k x M is {nk_by_m / 2**20:.0f} MiB"
 
 
-def ok(n=4, k=2, b=4, l=3, d=5):
-    return torch.randn(n, k, d), torch.randn(b, l, d)
+def ok():
+    return make_inputs(4, 4, 3, 5, k=2, requires_grad=False)[:2]
 
 
 BAD = [
@@ -284,27 +277,15 @@ def test_cuda_opcheck(detach_q):
 @pytest.mark.gpu
 @pytest.mark.parametrize("detach_q,alpha", [(True, None), (False, 0.3)])
 def test_cuda_matches_reference(detach_q, alpha):
-    src_mix, trg, pos_idx = (x.detach().cuda() for x in make(300, 4, 300, 49, 256, torch.float32, scale=1.0))
+    src_mix, trg, pos_idx = (x.detach().cuda() for x in make_inputs(300, 300, 49, 256, torch.float32, k=4))
     kw = dict(tau=1.5, alpha=alpha, detach_q=detach_q)
     assert_error_within_torch_error(ak.fused_mixture_nce_loss, ak.mixture_nce_loss_reference,
                                     src_mix, trg, pos_idx, **kw)
 
 
-def assert_error_within_torch_error(fused_fn, ref_fn, src, trg, pos_idx, **kw):
-    """Against the float64 reference, the fused fp32 result may err by no more than twice the
-    fp32 reference does (summation orders differ), plus 1e-5 relative."""
-    def run(fn, dtype):
-        return loss_and_grads(fn, src.to(dtype).requires_grad_(), trg.to(dtype).requires_grad_(),
-                              pos_idx, **kw)
-    truth = run(ref_fn, torch.float64)
-    for name, f, r, t in zip(("loss", "lgt_reg", "grad src", "grad trg"), run(fused_fn, torch.float32),
-                             run(ref_fn, torch.float32), truth):
-        err, err_torch = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
-        assert err <= 2 * err_torch + 1e-5 * t.abs().max().item(), (name, err, err_torch)
-
 
 def test_torch_compile_fullgraph():
-    src_mix, trg, pos_idx = make(9, 3, 7, 5, 10, torch.float32, scale=1.0)
+    src_mix, trg, pos_idx = make_inputs(9, 7, 5, 10, torch.float32, k=3)
 
     @torch.compile(fullgraph=True)
     def objective(s, t, p):

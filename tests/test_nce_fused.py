@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import amdim_kernels as ak
-from loss_checks import assert_matches, loss_and_grads
+from loss_checks import assert_matches, loss_and_grads, make_inputs
 
 # (N, B, L, D): nothing a multiple of the 128 x 256 CPU tile, L in {1, 25, 49}, and shapes that
 # cross tile borders in rows (N > 128) and columns (B*L > 256).
@@ -12,19 +12,13 @@ SHAPES = [(1, 1, 1, 3), (7, 7, 25, 13), (19, 23, 49, 37), (131, 131, 1, 5), (150
           (5, 3, 49, 300)]
 
 
-def make(n, b, l, d, dtype, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    src = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-    trg = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-    return src, trg
-
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tclip,reg_weight", [(20.0, 0.05), (10.0, 0.0), (None, 0.05)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_reference(shape, tclip, reg_weight, dtype):
     n, b, l, d = shape
-    src, trg = make(n, b, l, d, dtype, scale=2.0)   # scores up to ~+-15: the clip matters
+    src, trg, _ = make_inputs(n, b, l, d, dtype, scale=2.0)   # scores up to ~+-15: the clip matters
     pos_idx = None if n == b else torch.randint(0, b, (n,), generator=torch.Generator().manual_seed(1))
     kw = dict(tclip=tclip, reg_weight=reg_weight)
     fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, **kw)
@@ -36,7 +30,7 @@ def test_matches_reference(shape, tclip, reg_weight, dtype):
 def test_repeated_pos_idx_dense_variant():
     # Dense variant: every one of a sample's 25 locations is a source row with the same positives.
     b, l, d = 9, 25, 31
-    src, trg = make(b * l, b, l, d, torch.float64)
+    src, trg, _ = make_inputs(b * l, b, l, d, torch.float64)
     pos_idx = torch.arange(b).repeat_interleave(l)
     fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx)
     ref = loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx)
@@ -44,7 +38,7 @@ def test_repeated_pos_idx_dense_variant():
 
 
 def test_single_sample_has_zero_loss_and_finite_grads():
-    src, trg = make(4, 1, 49, 16, torch.float32)
+    src, trg, _ = make_inputs(4, 1, 49, 16, torch.float32)
     loss, reg, g_src, g_trg = loss_and_grads(ak.fused_nce_loss, src, trg, torch.zeros(4, dtype=torch.long),
                                              w_reg=0.0)
     assert loss.item() == 0.0
@@ -54,7 +48,7 @@ def test_single_sample_has_zero_loss_and_finite_grads():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_fp32(dtype):
-    src, trg = make(33, 33, 25, 40, dtype)
+    src, trg, _ = make_inputs(33, 33, 25, 40, dtype)
     loss, reg, g_src, g_trg = loss_and_grads(ak.fused_nce_loss, src, trg, None)
     assert loss.dtype == reg.dtype == torch.float32
     assert g_src.dtype == g_trg.dtype == dtype
@@ -68,7 +62,7 @@ def test_half_inputs_accumulate_in_fp32(dtype):
 
 
 def test_outputs_are_scalars_and_only_needed_grads_flow():
-    src, trg = make(6, 6, 3, 8, torch.float32)
+    src, trg, _ = make_inputs(6, 6, 3, 8, torch.float32)
     loss, reg = ak.fused_nce_loss(src, trg)
     assert loss.shape == () and reg.shape == ()
     (g_src,) = torch.autograd.grad(loss, (src,))   # lgt_reg unused: its gradient is zero
@@ -78,7 +72,7 @@ def test_outputs_are_scalars_and_only_needed_grads_flow():
 
 
 def test_no_grad_and_non_contiguous_inputs():
-    src, trg = make(12, 12, 5, 20, torch.float32)
+    src, trg, _ = make_inputs(12, 12, 5, 20, torch.float32)
     with torch.no_grad():
         base = ak.fused_nce_loss(src, trg)
         src_t = src.t().contiguous().t()                      # same values, column-major
@@ -89,7 +83,7 @@ def test_no_grad_and_non_contiguous_inputs():
 
 
 def test_backends_agree_and_reference_backend_is_the_reference():
-    src, trg = make(10, 10, 4, 6, torch.float64)
+    src, trg, _ = make_inputs(10, 10, 4, 6, torch.float64)
     for backend in ("auto", "cpp", "reference"):
         out = ak.fused_nce_loss(src, trg, backend=backend)
         torch.testing.assert_close(out, ak.nce_loss_reference(src, trg), rtol=1e-12, atol=1e-14)
@@ -120,7 +114,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 def test_gradient_of_lgt_reg_alone():
     # only sumsq reaches the objective: the op's backward gets no grad for pos and neg_stat
-    src, trg = make(9, 9, 4, 7, torch.float64)
+    src, trg, _ = make_inputs(9, 9, 4, 7, torch.float64)
     (g_src,) = torch.autograd.grad(ak.fused_nce_loss(src, trg)[1], (src,))
     (r_src,) = torch.autograd.grad(ak.nce_loss_reference(src, trg)[1], (src,))
     torch.testing.assert_close(g_src, r_src, rtol=1e-10, atol=1e-12)

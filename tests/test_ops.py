@@ -4,32 +4,26 @@ import torch
 
 import amdim_kernels as ak
 from amdim_kernels import ops
+from loss_checks import make_inputs
 
-
-def inputs(n, b, l, d, dtype=torch.float64, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
-    trg = torch.randn(b, l, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
-    pos_idx = torch.randint(0, b, (n,), generator=g)
-    return src, trg, pos_idx
 
 
 @pytest.mark.parametrize("tclip", [3.0, None])
 @pytest.mark.parametrize("neg_reduction", ["logsumexp", "softplus_sum"])
 def test_gradcheck_fwd_op(tclip, neg_reduction):
-    src, trg, pos_idx = inputs(5, 4, 3, 6, requires_grad=True)
+    src, trg, pos_idx = make_inputs(5, 4, 3, 6, torch.float64)
     fn = lambda s, t: ops.nce_fwd(s, t, pos_idx, tclip, neg_reduction)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (src, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_gradcheck_fused_loss():
-    src, trg, pos_idx = inputs(6, 5, 3, 4, requires_grad=True)
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, torch.float64)
     fn = lambda s, t: ak.fused_nce_loss(s, t, pos_idx, tclip=5.0)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (src, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_gradcheck_single_sample():
-    src, trg, _ = inputs(3, 1, 4, 5, requires_grad=True)
+    src, trg, _ = make_inputs(3, 1, 4, 5, torch.float64)
     fn = lambda s, t: ak.fused_nce_loss(s, t, torch.zeros(3, dtype=torch.long))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (src, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -37,14 +31,14 @@ def test_gradcheck_single_sample():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("neg_reduction", ["logsumexp", "softplus_sum"])
 def test_opcheck_fwd(dtype, neg_reduction):
-    src, trg, pos_idx = inputs(9, 7, 5, 11, dtype=dtype, requires_grad=True)
+    src, trg, pos_idx = make_inputs(9, 7, 5, 11, dtype)
     torch.library.opcheck(ops.nce_fwd, (src, trg, pos_idx, 20.0, neg_reduction))
     torch.library.opcheck(ops.nce_fwd, (src, trg, pos_idx, None, neg_reduction))
 
 
 @pytest.mark.parametrize("neg_reduction", ["logsumexp", "softplus_sum"])
 def test_opcheck_bwd(neg_reduction):
-    src, trg, pos_idx = inputs(9, 7, 5, 11)
+    src, trg, pos_idx = make_inputs(9, 7, 5, 11, torch.float64, requires_grad=False)
     pos, neg_stat, _ = ops.nce_fwd(src, trg, pos_idx, 20.0, neg_reduction)
     g = torch.Generator().manual_seed(3)
     args = (torch.randn(pos.shape, generator=g, dtype=pos.dtype),
@@ -54,7 +48,7 @@ def test_opcheck_bwd(neg_reduction):
 
 
 def test_torch_compile_fullgraph():
-    src, trg, pos_idx = inputs(17, 13, 7, 10, dtype=torch.float32, requires_grad=True)
+    src, trg, pos_idx = make_inputs(17, 13, 7, 10, torch.float32)
 
     @torch.compile(fullgraph=True)
     def objective(s, t, p):

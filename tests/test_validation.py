@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import amdim_kernels as ak
+from loss_checks import make_inputs
 
 ENTRY_POINTS = [ak.fused_nce_loss, ak.nce_loss_reference]
 
 
-def ok(n=4, b=4, l=3, d=5, dtype=torch.float32):
-    return torch.randn(n, d, dtype=dtype), torch.randn(b, l, d, dtype=dtype)
+def ok():
+    return make_inputs(4, 4, 3, 5, requires_grad=False)[:2]
 
 
 CASES = [
