@@ -36,24 +36,30 @@ from ._triton_common import (INTERPRET, _sigmoid, _tanh_dtanh, check_device, dev
 # sm_90 compile test (tests/test_triton_nce_bwd.py) holds every config to a spill budget.
 # UNMEASURED: none of these has run on a GPU yet (benchmarks/NOTES.md).
 _SRC_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
 ]
-# The same shapes with the roles of rows and columns exchanged: the accumulator is BLOCK_M x BLOCK_DO.
+# The d trg kernel's accumulator is BLOCK_M x BLOCK_DO; its transposed tiles need more registers
+# (4 warps, or 128-wide blocks beside a 128-wide chunk, spilled 70-580 bytes per thread).
 _TRG_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
+]
+# fp32 inputs: the ieee dot runs on the FMA units and tf32x3 is three MMAs, both far hungrier for
+# registers than a 16-bit MMA (64 x 64 x 64 tiles spilled 1.8-4.7 KB per thread): small tiles.
+_FP32_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_DO": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DO": 64}, num_warps=4, num_stages=2),
 ]
 # The interpreter rejects autotuning over 2+ configs; small tiles keep it fast on small shapes
 # (BLOCK_DO 16 < D in the tests: several D-out chunks).
 _INTERPRET_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_DO": 16},
                                   num_warps=4, num_stages=1)
-SRC_CONFIGS = [_INTERPRET_CONFIG] if INTERPRET else _SRC_CONFIGS
-TRG_CONFIGS = [_INTERPRET_CONFIG] if INTERPRET else _TRG_CONFIGS
+SRC_CONFIGS = [_INTERPRET_CONFIG] if INTERPRET else _SRC_CONFIGS + _FP32_CONFIGS
+TRG_CONFIGS = [_INTERPRET_CONFIG] if INTERPRET else _TRG_CONFIGS + _FP32_CONFIGS
 
 # d src column splits: about this many programs per SM, each split at least one column tile,
 # and the fp32 partials at most _SPLIT_BYTES.
@@ -64,12 +70,11 @@ _INTERPRET_SMS = 4   # stand-in SM count for the interpreter: small shapes still
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop D-out chunks wider than D needs (they would only multiply zeros), keeping the
-    narrowest when none fits; fp32 inputs keep BLOCK_DO <= 128 (their dots need more registers)."""
-    d = named_args["D"]
-    if named_args["src_ptr"].dtype == torch.float32:
-        configs = [c for c in configs if c.kwargs["BLOCK_DO"] <= 128] or configs
-    fit = [c for c in configs if c.kwargs["BLOCK_DO"] <= max(64, triton.next_power_of_2(d))]
+    """fp32 inputs take the fp32 configs, 16-bit ones the others; then D-out chunks wider than D
+    needs (they would only multiply zeros) go, keeping the narrowest when none fits."""
+    fp32 = named_args["src_ptr"].dtype == torch.float32
+    configs = [c for c in configs if (c in _FP32_CONFIGS) == fp32] or configs
+    fit = [c for c in configs if c.kwargs["BLOCK_DO"] <= max(64, triton.next_power_of_2(named_args["D"]))]
     if fit:
         return fit
     narrowest = min(c.kwargs["BLOCK_DO"] for c in configs)
