@@ -94,6 +94,7 @@ def forward_configs(name, shape, dtype, tclip=20.0):
             key = f"{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_D']} w{cfg.num_warps} s{cfg.num_stages}"
             kernel.configs = [cfg]
             tnf.CONFIGS = [cfg]            # split_columns sizes its granule from CONFIGS
+            tnf._plan.cache_clear()
             kernel.cache.clear()
             try:
                 out[key] = ms(lambda: tnf.nce_fwd_triton(src, trg, pos_idx, tclip, "logsumexp"))
@@ -102,6 +103,7 @@ def forward_configs(name, shape, dtype, tclip=20.0):
             print(f"  {name} {key:26s} {out[key] if isinstance(out[key], str) else f'{out[key]:.3f} ms'}", flush=True)
     finally:
         kernel.configs, tnf.CONFIGS = original, original_module
+        tnf._plan.cache_clear()
         kernel.cache.clear()
     return out
 
