@@ -42,14 +42,19 @@ def exact_input_grads(src, trg, pos_idx, tclip, grads):
     4u / (u + 1)^2 (u = exp(2a / tclip)) without cancellation, where torch.tanh's backward,
     1 - tanh^2, is exactly 0 in float64 beyond |a| ~ 19 tclip."""
     src, trg = src.detach().double().requires_grad_(), trg.detach().double().requires_grad_()
-    a = raw_scores(src, trg)
+    stats = exact_clip_statistics(raw_scores(src, trg), pos_idx, tclip)
+    total = sum((st * g).sum() for st, g in zip(stats, grads))
+    return torch.autograd.grad(total, (src, trg))
+
+
+def exact_clip_statistics(a, pos_idx, tclip):
+    """(pos, logsumexp neg_stat, sumsq) of float64 scores a (N, B, L), the clip as above."""
     s = tclip * (1 - 2 / (torch.exp(2 * a / tclip) + 1))
     n, b = a.shape[:2]
     pos = s[torch.arange(n), pos_idx]
     is_pos = F.one_hot(pos_idx, b).bool()[:, :, None]
     neg_stat = s.masked_fill(is_pos, -math.inf).reshape(n, -1).logsumexp(1)
-    total = (pos * grads[0]).sum() + (neg_stat * grads[1]).sum() + a.square().sum() * grads[2]
-    return torch.autograd.grad(total, (src, trg))
+    return pos, neg_stat, a.square().sum()
 
 
 def assert_relative_to_each_element(got, src, trg, pos_idx, tclip, grads, rtol):
