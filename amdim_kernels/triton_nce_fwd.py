@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _softplus, _tanh, _tanh_rational, check_device,  # noqa: F401
+from ._triton_common import (INTERPRET, _softplus, _tanh, _tanh_rational, check_device,
                              device_guard, input_precision, sm_count)
 
 # Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
