@@ -7,6 +7,7 @@ that of nce_bwd where the CUDA extension cannot be built or AMDIM_KERNELS_CUDA_B
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -101,7 +102,10 @@ def _register_triton_cuda(cuda_available: bool | None = None, cuda_buildable: bo
         return f"triton is not importable ({err})"
     torch.library.register_kernel("amdim_kernels::nce_fwd", "cuda", nce_fwd_triton)
     if bwd == "triton":
-        torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", nce_bwd_triton)
+        with warnings.catch_warnings():
+            # where csrc/cuda registered its kernel, replacing it is the point of the choice
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", nce_bwd_triton)
     global CUDA_BWD
     CUDA_BWD = bwd
     return None

@@ -234,13 +234,20 @@ def test_select_cuda_bwd():
 
 
 _REGISTER_SCRIPT = textwrap.dedent(r"""
-    import sys, torch
+    import sys, warnings, torch
     from amdim_kernels import ops
     has = lambda op: torch._C._dispatch_has_kernel_for_dispatch_key(f"amdim_kernels::{op}", "CUDA")
     cuda_buildable, choice = sys.argv[1] == "1", sys.argv[2] or None
     before = (has("nce_fwd"), has("nce_bwd"))
-    why = ops._register_triton_cuda(cuda_available=True, cuda_buildable=cuda_buildable, choice=choice)
-    print(repr((before, why, ops.CUDA_BWD, has("nce_fwd"), has("nce_bwd"))))
+    if cuda_buildable:   # stand in for the kernel csrc/cuda would have registered
+        torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", lambda *args: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        why = ops._register_triton_cuda(cuda_available=True, cuda_buildable=cuda_buildable,
+                                        choice=choice)
+    from amdim_kernels.triton_nce_bwd import nce_bwd_triton
+    print(repr((before, why, ops.CUDA_BWD, has("nce_fwd"), has("nce_bwd"),
+                [str(w.message) for w in caught])))
 """)
 
 
@@ -252,18 +259,20 @@ def test_registration_without_the_cuda_extension(cuda_buildable, choice, registe
     """What _register_triton_cuda registers, run in a fresh process (registration is global) on a
     CPU-only torch, whose extension has no CUDA kernels of its own."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("AMDIM_KERNELS_CUDA_BWD", None)
     proc = subprocess.run([sys.executable, "-c", _REGISTER_SCRIPT, str(int(cuda_buildable)), choice],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before, why, kernel, fwd, bwd = eval(proc.stdout.strip().splitlines()[-1])
+    before, why, kernel, fwd, bwd, caught = eval(proc.stdout.strip().splitlines()[-1])
     assert before == (False, False)
     assert kernel == registered
+    assert not caught   # replacing the CUDA kernel (AMDIM_KERNELS_CUDA_BWD=triton) is silent
     if registered is None:
         assert "cannot be built" in why and not fwd and not bwd
     else:
         assert why is None and fwd
-        # the CUDA kernel of nce_bwd would come from the extension's csrc/cuda, absent here
-        assert bwd == (registered == "triton")
+        # without the CUDA part, nothing but the Triton kernel can back nce_bwd on CUDA
+        assert bwd == (registered == "triton" or cuda_buildable)
 
 
 # ---- sm_90 compilation without a GPU ----------------------------------------------------------
