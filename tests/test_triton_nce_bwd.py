@@ -333,10 +333,11 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
     print("RESULT " + json.dumps(out))
 """)
 
-# Spill budget per thread (ptxas, sm_90), bytes. The 16-bit configs were chosen to stay within
-# it (the 4-warp and 128-wide d trg tiles that spilled 70-580 bytes were dropped); fp32 dots on
-# the FMA units (ieee) or as three MMAs (tf32x3) need far more registers.
-SPILL_BUDGET = {"bf16": 64, "fp16": 64, "fp32": 512}
+# Spill budget per thread (ptxas, sm_90), bytes: what the chosen configs need with a margin of
+# ~20% (seen: 16-bit <= 132, on the 128-row / 128-column d src tiles; fp32 ieee <= 512, its dot
+# runs on the FMA units). The 4-warp and 128-wide d trg tiles, which spilled 70-580 bytes, were
+# dropped; so was a branch around the grad_pos gather that cost up to 14 KB.
+SPILL_BUDGET = {"bf16": 160, "fp16": 160, "fp32": 640}
 
 
 @pytest.fixture(scope="module")
