@@ -296,6 +296,9 @@ def src_splits(n: int, m: int, d: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(m, cols), cols
 
 
+_FLOAT32_TINY, _FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+
+
 def _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction):
     if src.dtype not in (torch.float16, torch.bfloat16, torch.float32) or trg.dtype != src.dtype:
         raise TypeError(f"the Triton nce_bwd takes float16, bfloat16 or float32 src and trg of one "
@@ -323,8 +326,8 @@ def _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tcl
                     ("neg_stat", neg_stat)):
         if t.device != src.device:
             raise ValueError(f"every nce_bwd tensor must be on {src.device}, got {name} on {t.device}")
-    # as the float the kernel gets: a tiny positive double must not round to 0
-    if tclip is not None and not (0.0 < float(torch.tensor(tclip, dtype=torch.float32)) < math.inf):
+    # the kernel gets a float32: a tiny positive double must not round to 0, a huge one to inf
+    if tclip is not None and not (_FLOAT32_TINY <= tclip <= _FLOAT32_MAX):
         raise ValueError(f"tclip must be a positive finite float32 value or None, got {tclip}")
     check_device(src, "the Triton nce_bwd")
 
