@@ -1,7 +1,8 @@
 """Registration of the fused ops with torch.library: fake (meta) kernels and the autograd formula.
 
 The schemas and the CPU/CUDA kernels come from the C++ extension (csrc/); the Triton forward is
-registered here as the CUDA kernel of nce_fwd when Triton is importable.
+registered here as the CUDA kernel of nce_fwd when Triton is importable, and the Triton backward as
+that of nce_bwd where the CUDA extension cannot be built or AMDIM_KERNELS_CUDA_BWD=triton.
 
 The autograd formula is registered twice over the same two functions: on the op (so that the op
 is differentiable wherever it is called, and opcheck passes) and as `NceStatistics`, an
@@ -11,6 +12,9 @@ the op: Dynamo does not trace a Function that defines jvp). nce_bwd has no deriv
 formula raises instead of silently giving zero; forward mode (jvp) raises too.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -114,19 +118,63 @@ class NceBackward(torch.autograd.Function):
     backward = staticmethod(_no_second_derivative("amdim_kernels::nce_bwd"))
 
 
-def _register_triton_cuda() -> str | None:
-    """Make the Triton forward the CUDA kernel of nce_fwd; return why not, or None on success."""
-    if not torch.cuda.is_available():
+# Which kernel backs nce_bwd on CUDA where both can: "cuda" (csrc/cuda) or "triton"
+# (triton_nce_bwd.py). The CUDA one stays the default: it is the one measured on a GPU. The Triton
+# one becomes the default only once a GPU run measures it faster and passes the GPU tests
+# (benchmarks/NOTES.md, benchmarks/gpu_check.sh).
+CUDA_BWD_ENV = "AMDIM_KERNELS_CUDA_BWD"
+_CUDA_BWD_CHOICES = ("cuda", "triton")
+
+
+def select_cuda_bwd(cuda_buildable: bool, choice: str | None) -> tuple[str | None, str | None]:
+    """(kernel for nce_bwd on CUDA, None) or (None, why there is none).
+
+    cuda_buildable: whether the C++/CUDA extension gets its CUDA part (`_extension.cuda_buildable()`);
+    choice: the value of AMDIM_KERNELS_CUDA_BWD (None or "" when unset). Without the CUDA part the
+    Triton kernel is the only one, so a pip install of torch and triton (no CUDA toolkit) works.
+    """
+    if choice not in (None, "", *_CUDA_BWD_CHOICES):
+        return None, f"{CUDA_BWD_ENV} must be 'cuda' or 'triton' (or unset), got {choice!r}"
+    if not cuda_buildable:
+        if choice == "cuda":
+            return None, (f"{CUDA_BWD_ENV}=cuda, but the CUDA gradient kernel cannot be built "
+                          f"(torch without CUDA, or no nvcc/CUDA_HOME)")
+        return "triton", None
+    return choice or "cuda", None
+
+
+def _register_triton_cuda(cuda_available: bool | None = None, cuda_buildable: bool | None = None,
+                          choice: str | None = None) -> str | None:
+    """Make the Triton forward the CUDA kernel of nce_fwd, and the selected kernel that of nce_bwd;
+    return why not, or None on success. The arguments default to this machine's state (tests
+    pass them to exercise the other cases)."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
         return "no CUDA device"
-    if not _extension.cuda_buildable():
-        return "the CUDA gradient kernel cannot be built (torch without CUDA, or no nvcc/CUDA_HOME)"
+    if cuda_buildable is None:
+        cuda_buildable = _extension.cuda_buildable()
+    if choice is None:
+        choice = os.environ.get(CUDA_BWD_ENV)
+    bwd, why_not = select_cuda_bwd(cuda_buildable, choice)
+    if bwd is None:
+        return why_not
     try:
+        from .triton_nce_bwd import nce_bwd_triton
         from .triton_nce_fwd import nce_fwd_triton
     except ImportError as err:
         return f"triton is not importable ({err})"
     torch.library.register_kernel("amdim_kernels::nce_fwd", "cuda", nce_fwd_triton)
+    if bwd == "triton":
+        with warnings.catch_warnings():
+            # where csrc/cuda registered its kernel, replacing it is the point of the choice
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", nce_bwd_triton)
+    global CUDA_BWD
+    CUDA_BWD = bwd
     return None
 
 
+CUDA_BWD: str | None = None   # the kernel registered for nce_bwd on CUDA, once registered
 TRITON_CUDA_MISSING = _register_triton_cuda()
 HAS_TRITON_CUDA = TRITON_CUDA_MISSING is None

@@ -11,16 +11,11 @@ tests use.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_nce_fwd import _softplus
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._triton_common import _sigmoid, _softplus, check_device, device_guard
 # Widest chunk of positives per step: L is 25 or 49 in AMDIM, so one chunk usually holds a row.
 MAX_BLOCK_L = 64
 
@@ -79,7 +74,7 @@ def _mixture_bwd_kernel(grad_loss_ptr, pos_ptr, neg_ptr, grad_pos_ptr, grad_neg_
             mean_nce = tl.sum(q * nce, axis=0)
             g_nce = scale * q * (1.0 + through_q * (nce - mean_nce[None, :]))
         # nce_j = -softplus(Z_j - P_j): d/dP = sigmoid(Z_j - P_j) = -d/dZ
-        g = tl.where(mask, g_nce * tl.sigmoid(z[:, None] - p), 0.0)
+        g = tl.where(mask, g_nce * _sigmoid(z[:, None] - p), 0.0)
         tl.store(grad_pos_ptr + row * K * L + js[:, None] * L + ls[None, :], g, mask=mask)
         grad_z -= tl.sum(g, axis=1)
     tl.store(grad_neg_ptr + row * K + js, grad_z, mask=j_ok)
@@ -94,18 +89,12 @@ def _check(pos: torch.Tensor, neg_stat: torch.Tensor) -> None:
     if neg_stat.shape != (n, k) or k == 0:
         raise ValueError(f"pos must be (N, k, L) with k >= 1 and neg_stat (N, k), got "
                          f"{tuple(pos.shape)} and {tuple(neg_stat.shape)}")
-    if not INTERPRET and pos.device.type != "cuda":
-        raise ValueError(f"the Triton mixture epilogue runs on CUDA tensors (or under "
-                         f"TRITON_INTERPRET=1), got tensors on {pos.device}")
+    check_device(pos, "the Triton mixture epilogue")
 
 
 def _blocks(pos: torch.Tensor) -> dict:
     _, k, l = pos.shape
     return dict(BLOCK_K=triton.next_power_of_2(k), BLOCK_L=min(MAX_BLOCK_L, triton.next_power_of_2(l)))
-
-
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def mixture_fwd_triton(pos: torch.Tensor, neg_stat: torch.Tensor, tau: float, alpha: float,
@@ -115,7 +104,7 @@ def mixture_fwd_triton(pos: torch.Tensor, neg_stat: torch.Tensor, tau: float, al
     pos, neg_stat = pos.contiguous(), neg_stat.contiguous()
     n, k, l = pos.shape
     row_obj = torch.empty((n,), dtype=torch.float32, device=pos.device)
-    with _device_guard(pos):
+    with device_guard(pos):
         _mixture_fwd_kernel[(n,)](pos, neg_stat, row_obj, k, l, float(tau), float(alpha),
                                   **_blocks(pos))
     return row_obj.sum() / -(n * l)
@@ -129,7 +118,7 @@ def mixture_bwd_triton(grad_loss: torch.Tensor, pos: torch.Tensor, neg_stat: tor
     n, k, l = pos.shape
     grad_pos = torch.empty_like(pos)
     grad_neg_stat = torch.empty_like(neg_stat)
-    with _device_guard(pos):
+    with device_guard(pos):
         _mixture_bwd_kernel[(n,)](
             grad_loss.to(torch.float32).reshape(1), pos, neg_stat, grad_pos, grad_neg_stat,
             k, l, float(tau), float(tau * (1.0 - alpha * tau)), 1.0 / (n * l),

@@ -7,7 +7,8 @@ Two kernels:
   BLOCK_D chunks, or in one dot with the row block kept loaded when D <= BLOCK_D (fp32
   accumulation either way), scatters the positives into `pos`, and keeps per-row partial
   statistics of its negatives (logsumexp as (max, sum of exp) or a sum of softplus) and of a^2;
-- `_nce_fwd_merge_kernel`, grid (row blocks): merges the per-split partials of each row.
+- `_nce_fwd_merge_kernel`, grid (row blocks): merges the per-split partials of each row; not
+  launched when there is one split (then the split kernel writes the final statistics).
 Splitting the columns matters because N is often a few hundred rows while M is tens of thousands:
 row blocks alone would leave most SMs idle.
 
@@ -16,7 +17,7 @@ tests use; see `INTERPRET` for what differs there.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 
@@ -24,8 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-# Must match how triton.jit decides (it reads the variable when the kernels are decorated).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._triton_common import (INTERPRET, _softplus, _tanh, _tanh_rational, check_device,
+                             device_guard, input_precision, sm_count)
+
+# Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
+# the default. AMDIM_KERNELS_FWD_TANH=rational: the clip's tanh as a rational function (one
+# special-function op instead of two per score). AMDIM_KERNELS_FWD_CONFIGS=wide: also autotune
+# over 256-column tiles (wgmma's widest N), 16-bit inputs only.
+TANH_ENV, CONFIGS_ENV = "AMDIM_KERNELS_FWD_TANH", "AMDIM_KERNELS_FWD_CONFIGS"
+_TANH_CHOICE = os.environ.get(TANH_ENV) or "exp"
+_CONFIGS_CHOICE = os.environ.get(CONFIGS_ENV) or "default"
 
 # GPU tile configs, autotuned per (N, M, D, dtype, reduction, precision). The epilogue (clip,
 # masks, exp, the positive scatter) is register-hungry: 64-row or 64-column tiles keep 32 scores
@@ -47,6 +56,12 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 256, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
+# AMDIM_KERNELS_FWD_CONFIGS=wide: 256-column tiles, one wgmma instruction per warpgroup and
+# k-step (m64n256k16) instead of two, at the price of registers for the epilogue.
+_WIDE_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+]
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -63,7 +78,8 @@ def prune_configs(configs, named_args, **kwargs):
 
 # The interpreter rejects autotuning over 2+ configs; small tiles keep it fast on small shapes.
 _INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
-CONFIGS = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS
+CONFIGS = (_INTERPRET_CONFIGS if INTERPRET
+           else _GPU_CONFIGS + _WIDE_CONFIGS if _CONFIGS_CHOICE == "wide" else _GPU_CONFIGS)
 
 # Column splits are chosen to give about this many programs per SM: 2-4 waves, as the 8-warp
 # configs use ~255 registers per thread (1 resident program per SM) and the 4-warp one 2, so
@@ -77,30 +93,6 @@ _INTERPRET_SMS = 4
 _MAX_FIXED_SHIFT_TCLIP = 40.0
 
 
-@triton.jit
-def _tanh(x):
-    # No tl.tanh and no libdevice under the interpreter. (1 - e) / (1 + e) with e = exp(-2|x|)
-    # loses relative precision near 0, where the odd Taylor series (error < 6e-8 relative for
-    # |x| < 0.3) takes over; scores a / tclip mostly lie there.
-    ax = tl.abs(x)
-    x2 = x * x
-    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    e = tl.exp(-2.0 * ax)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(ax < 0.3, poly, tl.where(x < 0, -t, t))
-
-
-@triton.jit
-def _softplus(x):
-    # max(x, 0) + log1p(exp(-|x|)); log1p(z) = log(u) * z / (u - 1) with u = 1 + z is accurate
-    # to a few ulp (Goldberg) where log(1 + z) alone would lose all of z's digits.
-    z = tl.exp(-tl.abs(x))
-    u = 1.0 + z
-    log1p_z = tl.where(u == 1.0, z, tl.log(u) * z / (u - 1.0))
-    return tl.maximum(x, 0.0) + log1p_z
-
-
 @triton.autotune(configs=CONFIGS, key=["N", "M", "D", "NEG_LSE", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.heuristics({"ONE_CHUNK": lambda args: args["D"] <= args["BLOCK_D"]})
@@ -109,6 +101,7 @@ def _nce_fwd_split_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,            # (N, D), (M, D) row-major; (N,) int64
     pos_ptr,                                  # (N, L) fp32 out
     part_max_ptr, part_acc_ptr, part_sq_ptr,  # (N, S) fp32 out: per-split row partials
+    neg_stat_ptr, row_sq_ptr,                 # (N,) fp32 out when FINALIZE
     N, M, D, L, cols_per_split, num_splits,
     scale, tclip, inv_tclip,
     CLIP: tl.constexpr,              # soft-clip the scores (tclip is not None)
@@ -116,6 +109,8 @@ def _nce_fwd_split_kernel(
     FIXED_SHIFT: tl.constexpr,       # logsumexp shifted by tclip instead of a running max
     INPUT_PRECISION: tl.constexpr,   # "ieee" or "tf32x3" (only matters for fp32 inputs)
     UPCAST: tl.constexpr,            # interpreter: its bf16 tl.dot is wrong, so dot in fp32
+    FINALIZE: tl.constexpr,          # one split: write neg_stat and the row sums, no partials
+    TANH_RATIONAL: tl.constexpr,     # the clip's tanh as _tanh_rational (opt-in)
     ONE_CHUNK: tl.constexpr,         # D <= BLOCK_D (set by the heuristic from the config)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -166,7 +161,10 @@ def _nce_fwd_split_kernel(
         # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
         sq_i += tl.sum(a * a, axis=1)
         if CLIP:
-            s = tclip * _tanh(a * inv_tclip)
+            if TANH_RATIONAL:
+                s = tclip * _tanh_rational(a * inv_tclip)
+            else:
+                s = tclip * _tanh(a * inv_tclip)
         else:
             s = a
         sample = cols // L
@@ -194,13 +192,24 @@ def _nce_fwd_split_kernel(
         else:
             acc_i += tl.sum(tl.where(neg, _softplus(s), 0.0), axis=1)
 
-    out = rows * num_splits + pid_s
-    tl.store(part_acc_ptr + out, acc_i, mask=row_ok)
-    tl.store(part_sq_ptr + out, sq_i, mask=row_ok)
     if NEG_LSE:
         if FIXED_SHIFT:
             m_i = tl.zeros((BLOCK_N,), tl.float32) + tclip
-        tl.store(part_max_ptr + out, m_i, mask=row_ok)
+    if FINALIZE:
+        # The merge of a single split: acc * exp(m - m) (m finite) or 0 (no negatives seen).
+        tl.store(row_sq_ptr + rows, sq_i, mask=row_ok)
+        if NEG_LSE:
+            # acc == 0 (B == 1) gives log(0) = -inf, the defined result
+            neg = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(acc_i)
+        else:
+            neg = acc_i
+        tl.store(neg_stat_ptr + rows, neg, mask=row_ok)
+    else:
+        out = rows * num_splits + pid_s
+        tl.store(part_acc_ptr + out, acc_i, mask=row_ok)
+        tl.store(part_sq_ptr + out, sq_i, mask=row_ok)
+        if NEG_LSE:
+            tl.store(part_max_ptr + out, m_i, mask=row_ok)
 
 
 @triton.jit
@@ -239,21 +248,25 @@ def split_columns(n: int, m: int, device: torch.device) -> tuple[int, int]:
     """
     block_n = max(c.kwargs["BLOCK_N"] for c in CONFIGS)
     granule = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
-    sms = _INTERPRET_SMS if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _INTERPRET_SMS if INTERPRET else sm_count(device.index or 0)
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, triton.cdiv(n, block_n))
     splits = max(1, min(wanted, triton.cdiv(m, granule)))
     cols = triton.cdiv(triton.cdiv(m, splits), granule) * granule
     return triton.cdiv(m, cols), cols
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        # tf32x3, not tf32: one tf32 MMA truncates its fp32 inputs, and on an H100 that made the
-        # negatives' logsumexp ~10x less accurate than cuBLAS's TF32 product (biased errors add up
-        # over M terms); three MMAs on the split operands are accurate to ~fp32 and still run on
-        # the tensor cores.
-        return "tf32x3"
-    return "ieee"
+@functools.lru_cache(maxsize=1024)
+def _plan(n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(splits, columns per split, merge BLOCK_S, merge BLOCK_R) of an N x M problem, computed
+    once per shape: a training loop calls with the same few shapes, and the wrapper's Python
+    work is on the critical path of small problems (benchmarks/NOTES.md)."""
+    if _TANH_CHOICE not in ("exp", "rational"):
+        raise ValueError(f"{TANH_ENV} must be 'exp' or 'rational', got {_TANH_CHOICE!r}")
+    if _CONFIGS_CHOICE not in ("default", "wide"):
+        raise ValueError(f"{CONFIGS_ENV} must be 'default' or 'wide', got {_CONFIGS_CHOICE!r}")
+    splits, cols_per_split = split_columns(n, m, device)
+    block_s = max(16, triton.next_power_of_2(splits))
+    return splits, cols_per_split, block_s, max(1, 2048 // block_s)
 
 
 def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
@@ -271,38 +284,39 @@ def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
         raise ValueError("the Triton nce_fwd needs contiguous src, trg and pos_idx")
     if pos_idx.dtype != torch.int64:
         raise TypeError(f"pos_idx must be int64, got {pos_idx.dtype}")
-    if not INTERPRET and src.device.type != "cuda":
-        raise ValueError(f"the Triton nce_fwd runs on CUDA tensors (or under TRITON_INTERPRET=1), "
-                         f"got tensors on {src.device}")
+    check_device(src, "the Triton nce_fwd")
     n, d = src.shape
     b, l, _ = trg.shape
     m = b * l
     dev = src.device
     neg_lse = neg_reduction == "logsumexp"
-    splits, cols_per_split = split_columns(n, m, dev)
+    splits, cols_per_split, block_s, block_r = _plan(n, m, dev)
 
-    pos = torch.empty((n, l), dtype=torch.float32, device=dev)
-    part_acc = torch.empty((n, splits), dtype=torch.float32, device=dev)
-    part_sq = torch.empty_like(part_acc)
-    part_max = torch.empty_like(part_acc) if neg_lse else part_acc  # unread without NEG_LSE
-    neg_stat = torch.empty((n,), dtype=torch.float32, device=dev)
-    row_sq = torch.empty_like(neg_stat)
+    f32 = torch.float32
+    pos = torch.empty((n, l), dtype=f32, device=dev)
+    neg_stat = torch.empty((n,), dtype=f32, device=dev)
+    row_sq = torch.empty((n,), dtype=f32, device=dev)
+    if splits == 1:
+        part_max = part_acc = part_sq = row_sq   # unused: the split kernel finalizes
+    else:
+        part_acc = torch.empty((n, splits), dtype=f32, device=dev)
+        part_sq = torch.empty_like(part_acc)
+        part_max = torch.empty_like(part_acc) if neg_lse else part_acc  # unread without NEG_LSE
 
-    block_s = max(16, triton.next_power_of_2(splits))
-    block_r = max(1, 2048 // block_s)
-    guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(src):
         _nce_fwd_split_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
-            src, trg, pos_idx, pos, part_max, part_acc, part_sq,
+            src, trg, pos_idx, pos, part_max, part_acc, part_sq, neg_stat, row_sq,
             n, m, d, l, cols_per_split, splits,
             1.0 / math.sqrt(d), 1.0 if tclip is None else float(tclip),
             1.0 if tclip is None else 1.0 / tclip,
             CLIP=tclip is not None, NEG_LSE=neg_lse,
             FIXED_SHIFT=neg_lse and tclip is not None and tclip <= _MAX_FIXED_SHIFT_TCLIP,
-            INPUT_PRECISION=_input_precision(src.dtype), UPCAST=INTERPRET,
+            INPUT_PRECISION=input_precision(src.dtype), UPCAST=INTERPRET,
+            FINALIZE=splits == 1, TANH_RATIONAL=_TANH_CHOICE == "rational",
         )
-        _nce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
-            part_max, part_acc, part_sq, neg_stat, row_sq, n, splits,
-            NEG_LSE=neg_lse, BLOCK_R=block_r, BLOCK_S=block_s,
-        )
+        if splits > 1:
+            _nce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
+                part_max, part_acc, part_sq, neg_stat, row_sq, n, splits,
+                NEG_LSE=neg_lse, BLOCK_R=block_r, BLOCK_S=block_s,
+            )
     return pos, neg_stat, row_sq.sum()

@@ -15,18 +15,10 @@
 #include <limits>
 #include <vector>
 
+#include "common.h"
+
 namespace amdim_kernels {
 namespace {
-
-template <typename T>
-inline T softplus(T x) {  // log(1 + e^x) without overflow; 0 for x = -inf (no negatives)
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::fabs(x)));
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
 
 // One positive (i, l): the k values nce_j, the log-softmax log q_j of tau * nce_j, and q_j.
 // pos points at P[i, 0, l] (components L apart), neg_stat at Z[i, 0].
@@ -139,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_bwd_cpu(const at::Tensor& grad_loss,
           for (int64_t j = 0; j < k; ++j) {
             const T g_nce = scale * at_l.q[j] * (T(1) + through_q * (at_l.nce[j] - mean_nce));
             // nce_j = -softplus(Z_j - P_j): d/dP = sigmoid(Z_j - P_j) = -d/dZ
-            const T g = g_nce * sigmoid(z[i * k + j] - pl[j * L]);
+            const T g = g_nce * sigmoid(z[i * k + j] - pl[j * L], StdExp{});
             gp[i * k * L + j * L + l] = g;
             gz[i * k + j] -= g;
           }

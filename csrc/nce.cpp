@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "torch_common.h"
+
 namespace amdim_kernels {
 namespace {
 
@@ -24,18 +26,10 @@ namespace {
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kColBlock = 256;
 
-enum class NegReduction { LogSumExp, SoftplusSum };
-
-NegReduction parse_neg_reduction(c10::string_view name) {
-  if (name == "logsumexp") return NegReduction::LogSumExp;
-  if (name == "softplus_sum") return NegReduction::SoftplusSum;
-  TORCH_CHECK(false, "neg_reduction must be 'logsumexp' or 'softplus_sum', got '",
-              std::string(name), "'");
-}
-
 // ---- elementwise math ---------------------------------------------------------------------
-// Branch-free float exp and tanh (Cephes polynomials, ~2 ulp) that GCC vectorises; libm's
-// scalar calls would otherwise dominate the epilogue. fp64 keeps libm: it is the checking path.
+// A branch-free float exp (Cephes polynomial, ~2 ulp) that GCC vectorises, under the shared
+// tanh / sigmoid of common.h; libm's scalar calls would otherwise dominate the epilogue. fp64
+// keeps libm: it is the checking path.
 inline float fast_exp(float x) {
   x = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);
   const float k = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -51,29 +45,19 @@ inline float fast_exp(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
-inline float fast_tanh(float x) {
-  // small |x|: odd polynomial (no cancellation); otherwise 1 - 2 / (exp(2|x|) + 1)
-  const float ax = std::fabs(x);
-  const float z = x * x;
-  const float poly =
-      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-        1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-  const float big = 1.0f - 2.0f / (fast_exp(2.0f * (ax < 9.0f ? ax : 9.0f)) + 1.0f);
-  return ax < 0.625f ? poly : (x < 0.0f ? -big : big);
-}
-
 inline double fast_exp(double x) { return std::exp(x); }
+
+struct FastExp {
+  template <typename T>
+  T operator()(T x) const { return fast_exp(x); }
+};
+
+inline float fast_tanh(float x) { return tanh_f(x, FastExp{}); }
 inline double fast_tanh(double x) { return std::tanh(x); }
 
-template <typename T>
-inline T softplus(T x) {  // log(1 + e^x) without overflow
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::fabs(x)));
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + fast_exp(-x));
-}
+// tanh and 1 - tanh^2, the latter accurate in relative terms on saturated scores (common.h)
+inline void fast_tanh_dtanh(float x, float* t, float* dt) { tanh_dtanh_f(x, FastExp{}, t, dt); }
+inline void fast_tanh_dtanh(double x, double* t, double* dt) { tanh_dtanh_d(x, t, dt); }
 
 // ---- BLAS ------------------------------------------------------------------------------------
 // The Fortran BLAS that libtorch_cpu links and exports (MKL on x86 wheels). Called on raw tile
@@ -181,7 +165,7 @@ void forward_row(const Problem<T>& p, int64_t i, int64_t c0, int64_t nc, T* row,
   const int64_t l0 = c0 + lo - p.pos_idx[i] * p.L;
   for (int64_t j = lo; j < hi; ++j) pos_out[i * p.L + l0 + (j - lo)] = row[j];
 
-  if (p.reduction == NegReduction::SoftplusSum) {
+  if (p.reduction == NegReduction::kSoftplusSum) {
     st.acc[i] += segment_softplus(row, lo) + segment_softplus(row + hi, nc - hi);
     return;
   }
@@ -217,7 +201,7 @@ void nce_forward(const Problem<T>& p, T* pos_out, T* neg_stat, T* sumsq_out) {
   for (const auto& st : stats) sumsq += st.sumsq;
   *sumsq_out = static_cast<T>(sumsq);
   for (int64_t i = 0; i < p.N; ++i) {
-    if (p.reduction == NegReduction::SoftplusSum) {
+    if (p.reduction == NegReduction::kSoftplusSum) {
       T acc = 0;
       for (const auto& st : stats)
         if (!st.acc.empty()) acc += st.acc[i];
@@ -246,14 +230,17 @@ void backward_row(const Problem<T>& p, int64_t i, int64_t c0, int64_t nc, T* row
   // Locals, and one loop per (clip, reduction) case: branch-free bodies that GCC vectorises.
   const T tclip = p.tclip, inv = T(1) / p.tclip, two_gsq = 2 * grad_sumsq, scale = p.scale;
   const auto dstat = [&](T s) {
-    return p.reduction == NegReduction::LogSumExp ? fast_exp(s - neg_stat) : sigmoid(s);
+    return p.reduction == NegReduction::kLogSumExp ? fast_exp(s - neg_stat)
+                                                   : sigmoid(s, FastExp{});
   };
   auto negatives = [&](int64_t j0, int64_t j1) {
     if (p.clip) {
 #pragma omp simd
       for (int64_t j = j0; j < j1; ++j) {
-        const T a = row[j], t = fast_tanh(a * inv);
-        row[j] = (grad_neg * dstat(tclip * t) * (T(1) - t * t) + two_gsq * a) * scale;
+        const T a = row[j];
+        T t, dt;
+        fast_tanh_dtanh(a * inv, &t, &dt);
+        row[j] = (grad_neg * dstat(tclip * t) * dt + two_gsq * a) * scale;
       }
     } else {
 #pragma omp simd
@@ -267,8 +254,10 @@ void backward_row(const Problem<T>& p, int64_t i, int64_t c0, int64_t nc, T* row
   negatives(hi, nc);
   const T* gp = grad_pos + i * p.L + (c0 + lo - p.pos_idx[i] * p.L);
   for (int64_t j = lo; j < hi; ++j) {
-    const T a = row[j], t = p.clip ? fast_tanh(a * inv) : T(0);
-    row[j] = (gp[j - lo] * (T(1) - t * t) + two_gsq * a) * scale;
+    const T a = row[j];
+    T t = 0, dt = 1;
+    if (p.clip) fast_tanh_dtanh(a * inv, &t, &dt);
+    row[j] = (gp[j - lo] * dt + two_gsq * a) * scale;
   }
 }
 
@@ -339,7 +328,7 @@ Problem<T> make_problem(const at::Tensor& src, const at::Tensor& trg, const at::
   p.scale = T(1) / std::sqrt(static_cast<T>(p.D));
   p.clip = tclip.has_value();
   p.tclip = static_cast<T>(tclip.value_or(1.0));
-  p.reduction = parse_neg_reduction(neg_reduction);
+  p.reduction = neg_reduction_arg(neg_reduction);
   return p;
 }
 

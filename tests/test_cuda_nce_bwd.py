@@ -249,3 +249,26 @@ def test_rejects_float64_on_cuda(nce_bwd):
             "logsumexp")
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         nce_bwd(*args)
+
+
+def test_tile_math_on_saturated_scores(host_tile):
+    """|a| / tclip in [11, 30]: g of every element relative to itself, against float64 autograd
+    of a clip whose derivative has no cancellation (tests/test_saturated_scores.py)."""
+    from test_saturated_scores import exact_clip_statistics, saturated_problem
+    src, trg, pos_idx, grads, tclip = saturated_problem()
+    src, trg = src.float().double(), trg.float().double()
+    n, d = src.shape
+    b, l = trg.shape[:2]
+    a = raw_scores(src, trg).requires_grad_()
+    stats = exact_clip_statistics(a, pos_idx, tclip)
+    g_a = torch.autograd.grad(weighted(stats, grads), a)[0].reshape(n, -1)
+    want = g_a / math.sqrt(d)
+    dots = (src @ trg.reshape(-1, d).T).float().contiguous()
+    gp, gn, gs = (x.float().contiguous() for x in grads)
+    neg_stat = stats[1].detach().float()
+    host_tile(dots.data_ptr(), n, b * l, 0, 0, l, pos_idx.data_ptr(), gp.data_ptr(), gn.data_ptr(),
+              neg_stat.data_ptr(), gs.reshape(1).data_ptr(), 1 / math.sqrt(d), tclip, 0,
+              1 / math.sqrt(d), STORAGE[torch.float32], dots.data_ptr())
+    assert want.abs().max() < 1e-6 and (want != 0).all()
+    rel = ((dots.double() - want).abs() / want.abs()).max().item()
+    assert rel < 1e-3, rel

@@ -89,6 +89,32 @@ def test_matches_torch_small(n, b, l, d, tclip, neg_reduction, dtype, fp32_preci
     torch.testing.assert_close(sumsq, want[2], rtol=2e-5, atol=0.0)
 
 
+@pytest.mark.parametrize("n,b,l,d,tclip,neg_reduction,dtype",
+                         [c for c in SMALL_CASES if c[4] is not None][:4])
+def test_rational_tanh_variant_matches_torch(n, b, l, d, tclip, neg_reduction, dtype, fp32_precision,
+                                            monkeypatch):
+    """AMDIM_KERNELS_FWD_TANH=rational (opt-in): the same statistics to the same tolerance."""
+    fp32_precision("highest")
+    monkeypatch.setattr(tnf, "_TANH_CHOICE", "rational")
+    src, trg, pos_idx = make_inputs(n, b, l, d, dtype)
+    got = tnf.nce_fwd_triton(src, trg, pos_idx, tclip, neg_reduction)
+    want = stats_from_scores(raw_scores(src, trg), pos_idx, tclip, neg_reduction)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
+
+
+def test_rejects_unknown_variant_names(monkeypatch):
+    monkeypatch.setattr(tnf, "_plan", tnf._plan.__wrapped__)
+    src, trg, pos_idx = make_inputs(4, 2, 3, 8, torch.float32)
+    monkeypatch.setattr(tnf, "_TANH_CHOICE", "fast")
+    with pytest.raises(ValueError, match="AMDIM_KERNELS_FWD_TANH must be 'exp' or 'rational'"):
+        tnf.nce_fwd_triton(src, trg, pos_idx, 20.0, "logsumexp")
+    monkeypatch.setattr(tnf, "_TANH_CHOICE", "exp")
+    monkeypatch.setattr(tnf, "_CONFIGS_CHOICE", "huge")
+    with pytest.raises(ValueError, match="AMDIM_KERNELS_FWD_CONFIGS must be 'default' or 'wide'"):
+        tnf.nce_fwd_triton(src, trg, pos_idx, 20.0, "logsumexp")
+
+
 @pytest.mark.parametrize("neg_reduction", REDUCTIONS)
 def test_independent_of_column_split(neg_reduction, monkeypatch):
     """One split, and splits of 7 columns (tiles cut mid-way, splits holding only positives),
@@ -96,6 +122,7 @@ def test_independent_of_column_split(neg_reduction, monkeypatch):
     src, trg, pos_idx = make_inputs(33, 5, 25, 40, torch.float32, seed=1)
     pos_idx[:20] = 2   # most rows share one positive sample: whole splits without negatives
     m = 5 * 25
+    monkeypatch.setattr(tnf, "_plan", tnf._plan.__wrapped__)   # no cached plan: split_columns is patched
     default = tnf.nce_fwd_triton(src, trg, pos_idx, None, neg_reduction)
     for forced in [(1, m), (math.ceil(m / 7), 7)]:
         monkeypatch.setattr(tnf, "split_columns", lambda n, m, device, forced=forced: forced)
@@ -177,11 +204,12 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
         divisible = [a for a in split.arg_names if a.endswith("_ptr")] + ["D", "cols_per_split"]
         # Every config in every dtype and precision with the heaviest common epilogue (clip and a
         # running-max logsumexp); the other constexpr variants in bf16 only (~1.5 s per compile).
-        variants = [dict(CLIP=True, NEG_LSE=True, FIXED_SHIFT=False, ONE_CHUNK=False)]
+        base = dict(CLIP=True, NEG_LSE=True, FIXED_SHIFT=False, ONE_CHUNK=False, FINALIZE=False,
+                    TANH_RATIONAL=False)
+        variants = [base]
         if dtype == "bf16":
-            variants += [dict(CLIP=True, NEG_LSE=True, FIXED_SHIFT=False, ONE_CHUNK=True),
-                         dict(CLIP=True, NEG_LSE=True, FIXED_SHIFT=True, ONE_CHUNK=False),
-                         dict(CLIP=True, NEG_LSE=False, FIXED_SHIFT=False, ONE_CHUNK=False)]
+            variants += [dict(base, ONE_CHUNK=True), dict(base, FIXED_SHIFT=True),
+                         dict(base, NEG_LSE=False)]
         src = {"src_ptr": torch.empty(0, dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
                                                 "fp32": torch.float32}[dtype])}
         for prec in (["ieee", "tf32x3"] if dtype == "fp32" else ["ieee"]):
@@ -191,6 +219,20 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
                     res = compile_one(split, types, consts, divisible, cfg.num_warps, cfg.num_stages)
                     out.append(dict(kernel="split", dtype=dtype, config=cfg.kwargs, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages, variant=variant, precision=prec, **res))
+    # The opt-in variants (not default until measured), bf16, on the tiles most likely to spill:
+    # the one-split epilogue and the rational tanh on the large tiles; the wide tiles.
+    types = {a: ("*bf16" if a in ("src_ptr", "trg_ptr") else "*i64" if a == "pos_idx_ptr"
+                 else "*fp32" if a.endswith("_ptr") else "fp32"
+                 if a in ("scale", "tclip", "inv_tclip") else "i32") for a in split.arg_names}
+    divisible = [a for a in split.arg_names if a.endswith("_ptr")] + ["D", "cols_per_split"]
+    large = [c for c in tnf._GPU_CONFIGS if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= tnf._LARGE_TILES]
+    for cfg, variant in ([(c, dict(base, FINALIZE=True)) for c in large]
+                         + [(c, dict(base, TANH_RATIONAL=True)) for c in large + tnf._WIDE_CONFIGS]
+                         + [(c, base) for c in tnf._WIDE_CONFIGS]):
+        consts = dict(variant, INPUT_PRECISION="ieee", UPCAST=False, **cfg.kwargs)
+        res = compile_one(split, types, consts, divisible, cfg.num_warps, cfg.num_stages)
+        out.append(dict(kernel="split", dtype="bf16", config=cfg.kwargs, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, variant=variant, precision="ieee", opt_in=True, **res))
     merge = jit_function(tnf._nce_fwd_merge_kernel)
     types = {a: "*fp32" if a.endswith("_ptr") else "i32" for a in merge.arg_names}
     for neg_lse in (True, False):
@@ -217,10 +259,13 @@ def sm90_builds(tmp_path_factory):
 
 
 def test_every_config_compiles_for_sm90(sm90_builds):
-    split = [r for r in sm90_builds if r["kernel"] == "split"]
+    split = [r for r in sm90_builds if r["kernel"] == "split" and not r.get("opt_in")]
     # per config: bf16 x 4 constexpr variants, fp16, fp32 tf32, and fp32 ieee where not pruned
     assert len(split) == (5 * len(tnf._GPU_CONFIGS) + len(prune(torch.float32, "tf32x3"))
                           + len(prune(torch.float32, "ieee")))
+    n_large = sum(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= tnf._LARGE_TILES for c in tnf._GPU_CONFIGS)
+    opt_in = [r for r in sm90_builds if r.get("opt_in")]
+    assert len(opt_in) == 2 * n_large + 2 * len(tnf._WIDE_CONFIGS)
     for r in sm90_builds:
         assert r["cubin"] > 0, r
         assert r["shared"] <= 227 * 1024, r         # an H100 block's shared-memory limit

@@ -13,9 +13,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
-namespace amdim_kernels {
+#include "../common.h"
 
-enum class NegReduction : int32_t { kLogSumExp = 0, kSoftplusSum = 1 };
+namespace amdim_kernels {
 
 // One tile: rows [row0, row0 + rows) of src against columns [col0, col0 + cols) of trg_flat,
 // stored row-major and contiguous (ld == cols). Row-indexed arrays are indexed by global row.
@@ -42,31 +42,20 @@ template <typename T>
 cudaError_t launch_nce_bwd_tile(const NceBwdTile& tile, T* g, cudaStream_t stream);
 
 #ifdef __CUDACC__
-// exp and tanh written out so that they keep ~2 ulp under --use_fast_math (the extension is built
-// with it): there expf becomes ex2.approx(x * log2e), whose rounded product costs |x| * 2^-24 of
+// exp written out so that it keeps ~2 ulp under --use_fast_math (the extension is built with
+// it): there expf becomes ex2.approx(x * log2e), whose rounded product costs |x| * 2^-24 of
 // relative accuracy, and tanhf becomes tanh.approx (2^-11 relative, i.e. ~0.01 on a clipped score
-// of 20, a 1% error in exp(s - neg_stat)). exp2f stays ~2 ulp in both modes.
+// of 20, a 1% error in exp(s - neg_stat)), which is why tanh comes from common.h, over this exp.
+// exp2f stays ~2 ulp in both modes.
 __host__ __device__ inline float exp_accurate(float x) {
   const float t = x * 1.442695041f;                                   // x * log2(e), rounded
   const float err = fmaf(x, 1.442695041f, -t) + x * 1.925963033e-8f;  // + the lost low part
   return exp2f(t) * fmaf(err, 0.6931471806f, 1.0f);
 }
 
-__host__ __device__ inline float tanh_accurate(float x) {
-  const float ax = fabsf(x);
-  if (ax < 0.625f) {  // odd polynomial (Cephes tanhf): no cancellation near 0
-    const float z = x * x;
-    return ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-             1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-  }
-  const float big = 1.0f - 2.0f / (exp_accurate(2.0f * fminf(ax, 9.0f)) + 1.0f);
-  return copysignf(big, x);
-}
-
-__host__ __device__ inline float sigmoid_accurate(float x) {
-  const float e = exp_accurate(-fabsf(x));  // <= 1: no overflow for either sign
-  return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
-}
+struct ExpAccurate {
+  __host__ __device__ float operator()(float x) const { return exp_accurate(x); }
+};
 
 // The per-element formula, __host__ __device__ so that the tests can run it on the CPU through a
 // small host shim compiled with nvcc.
@@ -75,9 +64,9 @@ __host__ __device__ inline float nce_score_grad(const NceBwdTile& t, float dot, 
   const float a = dot * t.inv_sqrt_d;
   float s = a, ds_da = 1.0f;
   if (t.tclip > 0.0f) {
-    const float th = tanh_accurate(a / t.tclip);
+    float th;
+    tanh_dtanh_f(a / t.tclip, ExpAccurate{}, &th, &ds_da);   // ds_da accurate when saturated
     s = t.tclip * th;
-    ds_da = 1.0f - th * th;
   }
   float g_s;
   if (b == t.pos_idx[i]) {
@@ -87,7 +76,7 @@ __host__ __device__ inline float nce_score_grad(const NceBwdTile& t, float dot, 
     // so exp(-inf - -inf) is never formed.
     g_s = t.grad_neg_stat[i] * exp_accurate(s - t.neg_stat[i]);
   } else {
-    g_s = t.grad_neg_stat[i] * sigmoid_accurate(s);   // d softplus(s) / ds
+    g_s = t.grad_neg_stat[i] * sigmoid(s, ExpAccurate{});   // d softplus(s) / ds
   }
   return (g_s * ds_da + 2.0f * t.grad_sumsq[0] * a) * t.g_scale;
 }

@@ -22,6 +22,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../torch_common.h"
 #include "nce_bwd.cuh"
 
 // addmm(..., out_dtype=float) with an fp32 `self` accumulating bf16/fp16 products needs torch 2.10
@@ -53,13 +54,6 @@ constexpr int64_t kColQuantum = 128;
 // fp16 g is scaled so that its largest possible magnitude lands at 2^14 (fp16 max ~2^16): the
 // gradients of an N*L-term mean are ~1/(N*L) and would otherwise sit in fp16's subnormals.
 constexpr int kHalfTopExponent = 14;
-
-NegReduction parse_neg_reduction(c10::string_view name) {
-  if (name == "logsumexp") return NegReduction::kLogSumExp;
-  if (name == "softplus_sum") return NegReduction::kSoftplusSum;
-  TORCH_CHECK(false, "neg_reduction must be 'logsumexp' or 'softplus_sum', got '",
-              std::string(name), "'");
-}
 
 // Power of two p with max|g_a / sqrt(D)| * p <= 2^kHalfTopExponent, from bounds that hold for any
 // consistent neg_stat: |d neg_stat/d s| <= 1 (exp(s - lse) or sigmoid), |d s/d a| <= 1 and
@@ -128,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> nce_bwd_cuda(const at::Tensor& grad_pos,
                                                 c10::string_view neg_reduction) {
   check_cuda_inputs(grad_pos, grad_neg_stat, grad_sumsq, src_in, trg_in, pos_idx_in, neg_stat,
                     tclip);
-  const NegReduction reduction = parse_neg_reduction(neg_reduction);
+  const NegReduction reduction = neg_reduction_arg(neg_reduction);
   const c10::cuda::CUDAGuard guard(src_in.device());
   const at::Tensor src = src_in.contiguous();
   const at::Tensor trg_flat = trg_in.contiguous().view({-1, trg_in.size(2)});

@@ -1,0 +1,117 @@
+"""What the Triton kernels share: the interpreter switch, the elementwise math of the score
+epilogue (tanh and its derivative, softplus, sigmoid), the fp32 dot precision and the device guard.
+
+The math is written with tl.exp / tl.log / tl.where only: the interpreter (TRITON_INTERPRET=1, which
+the tests use) has no libdevice and no tl.tanh. tanh is the same approximation as the C++ and CUDA
+kernels' (csrc/common.h), so every backend clips a score the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Must match how triton.jit decides (it reads the variable when the kernels are decorated).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Below this |x| tanh is the odd polynomial (no cancellation near 0), above it it comes from
+# e = exp(-2|x|); the same split and coefficients as csrc/common.h (Cephes tanhf, ~2 ulp).
+TANH_POLY_LIMIT = 0.625
+
+
+@triton.jit
+def _tanh_poly(x):
+    z = x * x
+    return ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+             + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+
+
+@triton.jit
+def _tanh(x):
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)               # in (0, 1]: no overflow for any x
+    big = (1.0 - e) / (1.0 + e)
+    return tl.where(ax < 0.625, _tanh_poly(x), tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _tanh_rational(x):
+    """tanh(x) as a (13, 6) rational function of x clamped to +-7.905 (beyond it tanh rounds to
+    +-1 in float; Eigen's float tanh): one division and no exp, so one special-function op where
+    _tanh has two. Within 7 ulp (3.9e-7 relative) of tanh; tests/test_triton_nce_fwd.py measures it."""
+    xc = tl.minimum(tl.maximum(x, -7.90531110763549805), 7.90531110763549805)
+    x2 = xc * xc
+    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    p = p * x2 - 8.60467152213735e-11
+    p = p * x2 + 5.12229709037114e-08
+    p = p * x2 + 1.48572235717979e-05
+    p = p * x2 + 6.37261928875436e-04
+    p = p * x2 + 4.89352455891786e-03
+    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = q * x2 + 2.26843463243900e-03
+    q = q * x2 + 4.89352518554385e-03
+    return tl.where(tl.abs(x) < 0.0004, x, xc * p / q)
+
+
+@triton.jit
+def _tanh_dtanh(x):
+    """(tanh(x), 1 - tanh(x)^2). For large |x| the derivative is 4e / (1 + e)^2 with
+    e = exp(-2|x|), accurate down to fp32's smallest normals, where 1 - t^2 would round to 0 or
+    stall at ~1e-7 (t rounds to 1 - 2^-24)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    r = 1.0 / (1.0 + e)
+    big = (1.0 - e) * r
+    small = _tanh_poly(x)
+    is_small = ax < 0.625
+    t = tl.where(is_small, small, tl.where(x < 0, -big, big))
+    dt = tl.where(is_small, 1.0 - small * small, 4.0 * e * r * r)
+    return t, dt
+
+
+@triton.jit
+def _softplus(x):
+    # max(x, 0) + log1p(exp(-|x|)); log1p(z) = log(u) * z / (u - 1) with u = 1 + z is accurate
+    # to a few ulp (Goldberg) where log(1 + z) alone would lose all of z's digits.
+    z = tl.exp(-tl.abs(x))
+    u = 1.0 + z
+    log1p_z = tl.where(u == 1.0, z, tl.log(u) * z / (u - 1.0))
+    return tl.maximum(x, 0.0) + log1p_z
+
+
+@triton.jit
+def _sigmoid(x):
+    # from e = exp(-|x|) <= 1: no overflow for either sign (as csrc/common.h)
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for `dtype` inputs: fp32 follows torch's fp32 matmul precision."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        # tf32x3, not tf32: one tf32 MMA truncates its fp32 inputs, and on an H100 that made the
+        # negatives' logsumexp ~10x less accurate than cuBLAS's TF32 product (biased errors add up
+        # over M terms); three MMAs on the split operands are accurate to ~fp32 and still run on
+        # the tensor cores.
+        return "tf32x3"
+    return "ieee"
+
+
+def device_guard(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_device(x: torch.Tensor, what: str) -> None:
+    if not INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"{what} runs on CUDA tensors (or under TRITON_INTERPRET=1), got tensors "
+                         f"on {x.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (cached: the query costs microseconds)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
