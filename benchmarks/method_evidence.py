@@ -43,7 +43,7 @@ CONFIGS = {
     "dim_g_jsd": (["--method", "dim", "--dim-preset", "G"], "DIM(G): below DIM(L) for classification"),
 }
 # the same number of optimizer steps for every method on a dataset
-BUDGET = {"digits": ["--epochs", "20"], "shapes": ["--epochs", "4"]}
+BUDGET = {"digits": ["--epochs", "10"], "shapes": ["--epochs", "2"]}
 
 
 def train(dataset: str, name: str, out_root: Path, seed: int) -> dict:
