@@ -55,7 +55,7 @@ def test_cifar_malformed(tmp_path):
         data.load("cifar10", str(tmp_path))
     with open(root / "data_batch_3", "wb") as fh:
         pickle.dump([1, 2, 3], fh)
-    with pytest.raises(ValueError, match="not a dict"):
+    with pytest.raises(ValueError, match="data_batch_3.*holds list.*expected a dict"):
         data.load("cifar10", str(tmp_path))
 
 
