@@ -101,9 +101,17 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    """`bytes()` as Python 3 protocol-2 pickles write an empty bytes object (an empty array's data)."""
+    if args:
+        raise pickle.UnpicklingError(f"bytes is allowed only as bytes(), got {len(args)} arguments")
+    return b""
+
+
 # The globals a CIFAR python pickle references: numpy's array reconstruction (written by Python 2
 # as numpy.core.*, by numpy 2 as numpy._core.*; _frombuffer by protocol 5) and the latin-1 encode
-# that Python 3 protocol-2 pickles use for bytes. The dict, lists, strings and numbers need none.
+# and empty bytes() that Python 3 protocol-2 pickles use for bytes. The dict, lists, strings and
+# numbers need none.
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]
 _FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
 SAFE_GLOBALS = {
@@ -114,6 +122,8 @@ SAFE_GLOBALS = {
     ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
