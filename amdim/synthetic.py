@@ -14,6 +14,8 @@ numpy's legacy RandomState is used because its streams are frozen across numpy r
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 # bump whenever a change alters the generated images (it names the cache entry and the seed)
@@ -25,11 +27,27 @@ N_TRAIN, N_TEST = 10000, 2000
 CHUNK = 1000          # images rendered (and seeded) together; part of what VERSION fixes
 SPLITS = {"train": 0, "test": 1}
 
-SCALE_PX = (7.0, 12.0)    # object "radius" in pixels (the shape fits a circle of this radius)
 MIN_CONTRAST = 0.45       # RGB distance (channels in [0, 1]) between object and background colours
-NOISE_STD = 0.04
-N_BEHIND = 4              # clutter strokes behind the object
-N_BLOBS = 2               # small clutter discs / squares behind the object
+
+
+@dataclass(frozen=True)
+class Nuisances:
+    """What varies besides the class. The defaults define the dataset; switching them off gives an
+    easy variant (used by the tests to show that the nuisances are what defeats a pixel probe)."""
+    position: bool = True                     # else centred
+    scale_px: tuple[float, float] = (7.0, 12.0)   # object "radius" in pixels (it fits that circle)
+    rotation: bool = True                     # uniform in [0, 2 pi), else upright
+    colour: bool = True                       # random object / background colours, else white on black
+    gradient: float = 0.25                    # max per-channel change of the background across the image
+    strokes_behind: int = 4                   # clutter strokes behind the object
+    blobs: int = 2                            # small clutter discs / squares behind the object
+    stroke_in_front: bool = True              # one thin stroke across the object
+    noise_std: float = 0.04                   # Gaussian pixel noise (pixel values in [0, 1])
+
+
+DEFAULT = Nuisances()
+EASY = Nuisances(position=False, scale_px=(11.0, 11.0), rotation=False, colour=False, gradient=0.0,
+                 strokes_behind=0, blobs=0, stroke_in_front=False, noise_std=0.0)
 
 
 def _regular_polygon(n, radius, phase=np.pi / 2):
@@ -82,9 +100,9 @@ def _sd_ellipse(x, y, a, b):
 
 
 def _sd_heart(x, y):
-    # exact heart distance (tip at the origin, lobes up), shifted and scaled to fit the unit circle
-    s = 0.6
-    px, py = np.abs(x) * s, y * s + 0.55
+    # exact heart distance (tip at the origin, lobes towards +y), shifted and scaled to fit the unit circle
+    s = 0.7
+    px, py = np.abs(x) * s, 0.55 - y * s      # image rows grow downwards: lobes up
     upper = np.sqrt((px - 0.25) ** 2 + (py - 0.75) ** 2) - np.sqrt(2.0) / 4.0
     m = 0.5 * np.maximum(px + py, 0.0)
     lower = np.sqrt(np.minimum(px ** 2 + (py - 1.0) ** 2, (px - m) ** 2 + (py - m) ** 2)) * np.sign(px - py)
@@ -134,27 +152,33 @@ def _contrasting(rs, n, avoid, min_dist):
     raise RuntimeError("could not draw contrasting colours")   # unreachable for MIN_CONTRAST < 0.8
 
 
-def _render_chunk(labels, rs, size):
+def _render_chunk(labels, rs, size, nz):
     n = len(labels)
     f32 = np.float32
     gy, gx = (np.mgrid[0:size, 0:size].astype(f32) + 0.5)[:, None]        # pixel centres, (1, H, W)
 
     # every random draw happens here, in a fixed order, before any rendering
-    scale = rs.uniform(*SCALE_PX, n)
+    scale = rs.uniform(*nz.scale_px, n)
     margin = 0.75 * scale                                                    # the object may touch the edge
-    cx, cy = (rs.uniform(0, 1, (2, n)) * (size - 2 * margin) + margin)
-    theta = rs.uniform(0, 2 * np.pi, n)
-    bg0 = rs.uniform(0, 1, (n, 3))
-    bg1 = np.clip(bg0 + rs.uniform(-0.25, 0.25, (n, 3)), 0, 1)               # gradient end colour
+    cx, cy = rs.uniform(0, 1, (2, n)) * (size - 2 * margin) + margin
+    if not nz.position:
+        cx, cy = np.full(n, size / 2), np.full(n, size / 2)
+    theta = rs.uniform(0, 2 * np.pi, n) if nz.rotation else np.zeros(n)
+    if nz.colour:
+        bg0 = rs.uniform(0, 1, (n, 3))
+        bg1 = np.clip(bg0 + rs.uniform(-nz.gradient, nz.gradient, (n, 3)), 0, 1)   # gradient end colour
+        obj = _contrasting(rs, n, [bg0, bg1], MIN_CONTRAST)
+    else:
+        bg0 = bg1 = np.zeros((n, 3))
+        obj = np.ones((n, 3))
     grad_dir = rs.uniform(0, 2 * np.pi, n)
-    obj = _contrasting(rs, n, [bg0, bg1], MIN_CONTRAST)
     strokes = [(rs.uniform(-4, size + 4, (n, 2)), rs.uniform(-4, size + 4, (n, 2)),
-                rs.uniform(0.5, 1.1, n), rs.uniform(0, 1, (n, 3))) for _ in range(N_BEHIND)]
+                rs.uniform(0.5, 1.1, n), rs.uniform(0, 1, (n, 3))) for _ in range(nz.strokes_behind)]
     blobs = [(rs.uniform(0, size, (n, 2)), rs.uniform(1.5, 3.0, n), rs.uniform(0, 1, n) < 0.5,
-              rs.uniform(0, 1, (n, 3))) for _ in range(N_BLOBS)]
-    front = (rs.uniform(-4, size + 4, (n, 2)), rs.uniform(-4, size + 4, (n, 2)),
-             rs.uniform(0.35, 0.6, n), rs.uniform(0, 1, (n, 3)))
-    noise = rs.normal(0, NOISE_STD, (n, 3, size, size)).astype(f32)
+              rs.uniform(0, 1, (n, 3))) for _ in range(nz.blobs)]
+    front = [(rs.uniform(-4, size + 4, (n, 2)), rs.uniform(-4, size + 4, (n, 2)),
+              rs.uniform(0.35, 0.6, n), rs.uniform(0, 1, (n, 3)))] if nz.stroke_in_front else []
+    noise = rs.normal(0, nz.noise_std, (n, 3, size, size)).astype(f32) if nz.noise_std else 0
 
     # background: a linear gradient from bg0 to bg1 along a random direction
     u = (np.cos(grad_dir)[:, None, None] * (gx - size / 2) + np.sin(grad_dir)[:, None, None] * (gy - size / 2))
@@ -182,13 +206,14 @@ def _render_chunk(labels, rs, size):
             alpha[sel] = np.clip(0.5 - dist_px, 0, 1)
     _over(img, alpha, obj.astype(f32))
 
-    a, b, hw, col = front
-    _over(img, _segment_alpha(gx, gy, a, b, hw).astype(f32), col.astype(f32))
+    for a, b, hw, col in front:
+        _over(img, _segment_alpha(gx, gy, a, b, hw).astype(f32), col.astype(f32))
     img += noise
     return (img.clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def generate(split: str, n: int | None = None, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+def generate(split: str, n: int | None = None, size: int = SIZE,
+             nuisances: Nuisances = DEFAULT) -> tuple[np.ndarray, np.ndarray]:
     """The `split` ("train" or "test") images (n, 3, size, size) uint8 and labels (n,) int64.
 
     Deterministic: chunk j of a split is drawn from RandomState([VERSION_SEED, split id, j]), so the
@@ -204,9 +229,10 @@ def generate(split: str, n: int | None = None, size: int = SIZE) -> tuple[np.nda
     for j, start in enumerate(range(0, n, CHUNK)):
         rs = np.random.RandomState([VERSION_SEED, SPLITS[split], j])
         m = min(CHUNK, n - start)
-        lab = rs.permutation(np.arange(CHUNK) % len(CLASSES))[:m]
-        images[start:start + m] = _render_chunk(lab, rs, size)
-        labels[start:start + m] = lab
+        # a partial last chunk is rendered whole and cut, so it draws the same stream as a full one
+        lab = rs.permutation(np.arange(CHUNK) % len(CLASSES))
+        images[start:start + m] = _render_chunk(lab, rs, size, nuisances)[:m]
+        labels[start:start + m] = lab[:m]
     return images, labels
 
 
@@ -223,10 +249,10 @@ def shapes_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return tuple(a.copy() for a in _CACHE[VERSION])
 
 
-def sample_grid(path: str, per_class: int = 8, scale: int = 3) -> None:
+def sample_grid(path: str, per_class: int = 8, scale: int = 3, nuisances: Nuisances = DEFAULT) -> None:
     """Write a PNG of the first `per_class` training images of each class (one row per class)."""
     from PIL import Image
-    images, labels = generate("train", 40 * per_class)
+    images, labels = generate("train", 40 * per_class, nuisances=nuisances)
     rows = []
     for k in range(len(CLASSES)):
         pick = images[labels == k][:per_class]
@@ -244,6 +270,7 @@ if __name__ == "__main__":
                                 description="write a PNG grid of sample images of the shapes dataset")
     p.add_argument("--out", default="docs/shapes_samples.png")
     p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--easy", action="store_true", help="without the nuisances (centred, upright, white on black)")
     args = p.parse_args()
-    sample_grid(args.out, args.per_class)
+    sample_grid(args.out, args.per_class, nuisances=EASY if args.easy else DEFAULT)
     print(f"wrote {args.out} (rows: {', '.join(CLASSES)})")
