@@ -95,7 +95,8 @@ def load_digits() -> Dataset:
 
 def _latin1_encode(text, encoding="latin1"):
     """`_codecs.encode` as Python 3 protocol-2 pickles use it for bytes, and for nothing else."""
-    if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
+    if not (isinstance(text, str) and isinstance(encoding, str)
+            and encoding.lower().replace("_", "-") in ("latin1", "latin-1")):
         raise pickle.UnpicklingError(f"_codecs.encode is allowed only as encode(str, 'latin1'), "
                                      f"got encode({type(text).__name__}, {encoding!r})")
     return text.encode("latin1")
