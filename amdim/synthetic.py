@@ -4,8 +4,9 @@ Each image holds one filled object (the class) under nuisances that a linear rea
 cannot undo: random position, size and rotation, random object and background colours (so the
 object may be darker or lighter than its surroundings), a background colour gradient, clutter
 strokes and small blobs behind the object and one thin stroke across it, and pixel noise. The
-class stays obvious to a human (see docs/shapes_samples.png); a linear probe on raw pixels scores
-about 0.25, so an encoder has to learn shape to do well.
+class stays obvious to a human (see docs/shapes_samples.png), but a linear probe on the raw pixels
+scores 0.11 (chance: 0.10) and one on a randomly initialised AMDIM encoder (ndf 16) 0.17, so an
+encoder has to learn shape to do well.
 
 Images are rendered from signed distance functions with numpy alone (anti-aliased by the
 distance to the edge), in chunks whose random streams are seeded by (VERSION_SEED, split, chunk):
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# bump whenever a change alters the generated images (it names the cache entry and the seed)
+# bump both whenever a change alters the generated images: VERSION names the cached arrays,
+# VERSION_SEED starts every random stream
 VERSION = "shapes-v1"
 VERSION_SEED = 1
 CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "ellipse", "hexagon", "arrow", "heart")
