@@ -2,13 +2,19 @@
 
 - "digits": scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes), upscaled to
   32x32 RGB; needs no download. A fixed stratified split holds out 20% for testing.
-- "cifar10" / "cifar100": the python pickle version (directory cifar-10-batches-py / cifar-100-python).
+- "shapes": 10 classes of procedurally generated 32x32 objects under position, scale, rotation,
+  colour, clutter and noise nuisances (amdim/synthetic.py); needs no download, 10000 train / 2000
+  test, and a linear probe on its raw pixels is near chance, so an encoder has to learn shape.
+- "cifar10" / "cifar100": the python pickle version (directory cifar-10-batches-py / cifar-100-python),
+  read by a restricted unpickler that builds only dicts, lists, strings, numbers and numpy arrays:
+  a crafted file cannot run code.
 - "stl10": the binary version (directory stl10_binary); self-supervised training also uses the
   unlabeled split (label -1).
 - "folder": a directory of class subfolders of images (read with Pillow, resized to the encoder
   size); `train/` and `test/` subdirectories are used as splits when present, otherwise every
-  fifth image of each class is held out.
-A missing or malformed path raises an error that names it and the expected format.
+  fifth image of each class is held out. Names starting with "." are skipped.
+Everything read is validated (dtype, value range, shapes, label count and range, non-empty): a
+missing or malformed file raises ValueError / FileNotFoundError naming it and what was expected.
 """
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder")
-NATURAL_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 64, "folder": 64}
+DATASETS = ("digits", "shapes", "cifar10", "cifar100", "stl10", "folder")
+NATURAL_SIZE = {"digits": 32, "shapes": 32, "cifar10": 32, "cifar100": 32, "stl10": 64, "folder": 64}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 FORMATS = {
@@ -87,48 +93,135 @@ def load_digits() -> Dataset:
     return Dataset(tr, tr, ImageSet(images[test], labels[test]), 10, "digits")
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as Python 3 protocol-2 pickles use it for bytes, and for nothing else."""
+    if not (isinstance(text, str) and isinstance(encoding, str)
+            and encoding.lower().replace("_", "-") in ("latin1", "latin-1")):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only as encode(str, 'latin1'), "
+                                     f"got encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """`bytes()` as Python 3 protocol-2 pickles write an empty bytes object (an empty array's data)."""
+    if args:
+        raise pickle.UnpicklingError(f"bytes is allowed only as bytes(), got {len(args)} arguments")
+    return b""
+
+
+# The globals a CIFAR python pickle references: numpy's array reconstruction (written by Python 2
+# as numpy.core.*, by numpy 2 as numpy._core.*; _frombuffer by protocol 5) and the latin-1 encode
+# and empty bytes() that Python 3 protocol-2 pickles use for bytes. The dict, lists, strings and
+# numbers need none.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
+SAFE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR format holds; any other global (a callable that a crafted
+    pickle would invoke) is refused before it is imported, so loading never runs code from the file."""
+
+    def find_class(self, module, name):
+        try:
+            return SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"refused global {module}.{name} (a CIFAR pickle holds only a dict "
+                                 f"of lists and numpy arrays)") from None
+
+
 def _unpickle(name, path, file):
     full = os.path.join(path, file)
     if not os.path.isfile(full):
         raise _fail(name, path, f"missing file {full!r}")
     try:
         with open(full, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return SafeUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise _fail(name, path, f"{full!r} is not a plain CIFAR pickle: {e}") from None
     except Exception as e:   # any unpickling failure means the file is not the expected format
         raise _fail(name, path, f"cannot unpickle {full!r} ({type(e).__name__}: {e})") from None
 
 
-def _cifar_part(name, path, files, label_key):
+def _describe(v):
+    if isinstance(v, np.ndarray):
+        return f"an array of dtype {v.dtype} and shape {v.shape}"
+    return f"{type(v).__name__} {v!r}"[:80]
+
+
+def _int_array(name, root, full, key, value, what):
+    """value as an integer ndarray, or an error naming the file, the key and what it holds."""
+    try:
+        a = np.asarray(value)
+    except Exception:   # ragged nested lists and the like
+        a = None
+    if a is None or a.dtype.kind not in "ui":
+        raise _fail(name, root, f"{full!r}: {key!r} is {_describe(value)}, expected {what}")
+    return a
+
+
+def _cifar_part(name, path, files, label_key, n_classes):
     xs, ys = [], []
     for file in files:
+        full = os.path.join(path, file)
         d = _unpickle(name, path, file)
+        if isinstance(d, dict):   # keys are bytes in the original files; accept str keys too
+            d = {k.encode() if isinstance(k, str) else k: v for k, v in d.items()}
         if not isinstance(d, dict) or b"data" not in d or label_key not in d:
-            raise _fail(name, path, f"{file!r} is not a dict with keys b'data' and {label_key!r}")
-        x = np.asarray(d[b"data"], dtype=np.uint8)
-        y = np.asarray(d[label_key], dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
-            raise _fail(name, path, f"{file!r} data has shape {x.shape} with {len(y)} labels, "
-                                    f"expected (N, 3072) with N labels")
+            raise _fail(name, path, f"{full!r} holds {_describe(d)}, expected a dict with keys "
+                                    f"b'data' and {label_key!r}")
+        x = _int_array(name, path, full, b"data", d[b"data"], "uint8 pixels of shape (N, 3072)")
+        if x.ndim != 2 or x.shape[1] != 3072:
+            raise _fail(name, path, f"{full!r} data has shape {x.shape}, expected (N, 3072)")
+        if len(x) == 0:
+            raise _fail(name, path, f"{full!r} holds no images (data has shape {x.shape})")
+        if x.dtype != np.uint8:   # wider integers are accepted only when the cast loses nothing
+            lo, hi = x.min(), x.max()
+            if lo < 0 or hi > 255:
+                raise _fail(name, path, f"{full!r} data ({x.dtype}) has values in [{lo}, {hi}], "
+                                        f"expected pixel values 0..255")
+            x = x.astype(np.uint8)
+        y = _int_array(name, path, full, label_key, d[label_key],
+                       f"a list of {len(x)} integer labels in [0, {n_classes})")
+        if y.ndim != 1 or len(y) != len(x):
+            raise _fail(name, path, f"{full!r} has {label_key!r} of shape {y.shape} for {len(x)} images, "
+                                    f"expected ({len(x)},)")
+        bad = np.flatnonzero((y < 0) | (y >= n_classes))
+        if len(bad):
+            raise _fail(name, path, f"{full!r} has label {y[bad[0]]} at index {bad[0]} "
+                                    f"({len(bad)} labels out of range), expected labels in [0, {n_classes})")
         xs.append(x.reshape(-1, 3, 32, 32))
-        ys.append(y)
+        ys.append(y.astype(np.int64))
     return ImageSet(np.concatenate(xs), np.concatenate(ys))
 
 
 def load_cifar(name, path) -> Dataset:
     if name == "cifar10":
         root = _find_dir(name, path, "cifar-10-batches-py")
-        train = _cifar_part(name, root, [f"data_batch_{i}" for i in range(1, 6)], b"labels")
-        test = _cifar_part(name, root, ["test_batch"], b"labels")
-        n_classes = 10
+        train = _cifar_part(name, root, [f"data_batch_{i}" for i in range(1, 6)], b"labels", 10)
+        test = _cifar_part(name, root, ["test_batch"], b"labels", 10)
     else:
         root = _find_dir(name, path, "cifar-100-python")
-        train = _cifar_part(name, root, ["train"], b"fine_labels")
-        test = _cifar_part(name, root, ["test"], b"fine_labels")
-        n_classes = 100
-    for part in (train, test):
-        if part.labels.min() < 0 or part.labels.max() >= n_classes:
-            raise _fail(name, root, f"labels outside [0, {n_classes})")
-    return Dataset(train, train, test, n_classes, name)
+        train = _cifar_part(name, root, ["train"], b"fine_labels", 100)
+        test = _cifar_part(name, root, ["test"], b"fine_labels", 100)
+    return Dataset(train, train, test, 10 if name == "cifar10" else 100, name)
+
+
+STL_IMAGE_BYTES = 3 * 96 * 96
 
 
 def _stl_images(name, root, file):
@@ -136,20 +229,34 @@ def _stl_images(name, root, file):
     if not os.path.isfile(full):
         raise _fail(name, root, f"missing file {full!r}")
     size = os.path.getsize(full)
-    if size == 0 or size % (3 * 96 * 96):
-        raise _fail(name, root, f"{full!r} has {size} bytes, not a multiple of 3*96*96")
+    if size == 0:
+        raise _fail(name, root, f"{full!r} is empty, expected 96x96 RGB images of 3*96*96 bytes each")
+    if size % STL_IMAGE_BYTES:
+        raise _fail(name, root, f"{full!r} has {size} bytes, not a multiple of 3*96*96 (the size of one image)")
     # STL-10 stores each channel column-major; memory-map so the 100k unlabeled images stay on disk
-    return np.memmap(full, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+    try:
+        x = np.memmap(full, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise _fail(name, root, f"cannot read {full!r} ({e})") from None
+    return x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
 
 
-def _stl_labels(name, root, file, n):
+def _stl_labels(name, root, file, n, images_file):
     full = os.path.join(root, file)
     if not os.path.isfile(full):
         raise _fail(name, root, f"missing file {full!r}")
-    y = np.fromfile(full, dtype=np.uint8).astype(np.int64) - 1      # stored as 1..10
-    if len(y) != n or (n and (y.min() < 0 or y.max() > 9)):
-        raise _fail(name, root, f"{full!r} must hold {n} labels in 1..10, got {len(y)}")
-    return y
+    try:
+        y = np.fromfile(full, dtype=np.uint8).astype(np.int64)       # one byte per label, 1..10
+    except OSError as e:
+        raise _fail(name, root, f"cannot read {full!r} ({e})") from None
+    if len(y) != n:
+        raise _fail(name, root, f"{full!r} must hold {n} labels (one byte per image of {images_file}), "
+                                f"got {len(y)}")
+    bad = np.flatnonzero((y < 1) | (y > 10))
+    if len(bad):
+        raise _fail(name, root, f"{full!r} has label byte {y[bad[0]]} at index {bad[0]} "
+                                f"({len(bad)} out of range), expected labels 1..10")
+    return y - 1
 
 
 def load_stl10(path) -> Dataset:
@@ -157,7 +264,7 @@ def load_stl10(path) -> Dataset:
     parts = {}
     for split in ("train", "test"):
         x = _stl_images("stl10", root, f"{split}_X.bin")
-        parts[split] = ImageSet(x, _stl_labels("stl10", root, f"{split}_y.bin", len(x)))
+        parts[split] = ImageSet(x, _stl_labels("stl10", root, f"{split}_y.bin", len(x), f"{split}_X.bin"))
     unl = _stl_images("stl10", root, "unlabeled_X.bin")
     train_all = ImageSet(_ConcatImages(parts["train"].images, unl),
                          np.concatenate([parts["train"].labels, np.full(len(unl), -1, np.int64)]))
@@ -183,30 +290,43 @@ class _ConcatImages:
         return out
 
 
+def _listdir(d):
+    """Sorted entries of d, without hidden ones (".ipynb_checkpoints", macOS "._x.png" forks)."""
+    return sorted(e for e in os.listdir(d) if not e.startswith("."))
+
+
+def _read_image(root, full, size):
+    from PIL import Image
+    try:
+        with Image.open(full) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Image.DecompressionBombError as e:   # not an OSError: it would escape unnamed
+        raise _fail("folder", root, f"image {full!r} is larger than Pillow's decompression-bomb limit "
+                                    f"({e})") from None
+    except Exception as e:   # unidentified, truncated, corrupt chunks (OSError, SyntaxError, ...)
+        raise _fail("folder", root, f"cannot read image {full!r} ({type(e).__name__}: {e})") from None
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
 def _read_folder(root, size, classes=None):
-    from PIL import Image, UnidentifiedImageError
-    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    classes = classes or found
-    if not classes:
+    found = [d for d in _listdir(root) if os.path.isdir(os.path.join(root, d))]
+    if not found:
         raise _fail("folder", root, "it has no class subfolders")
+    if classes is not None and set(found) - set(classes):
+        extra = sorted(set(found) - set(classes))
+        raise _fail("folder", root, f"class subfolders {extra} are not in the training split {classes}")
+    classes = classes or found
     xs, ys = [], []
     for c, cls in enumerate(classes):
         cdir = os.path.join(root, cls)
         if not os.path.isdir(cdir):
             raise _fail("folder", root, f"class subfolder {cls!r} is missing")
-        for f in sorted(os.listdir(cdir)):
-            if not f.lower().endswith(IMAGE_EXTS):
-                continue
-            full = os.path.join(cdir, f)
-            try:
-                with Image.open(full) as im:
-                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-            except (UnidentifiedImageError, OSError) as e:
-                raise _fail("folder", root, f"cannot read image {full!r} ({e})") from None
-            xs.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            ys.append(c)
-    if not xs:
-        raise _fail("folder", root, f"no image files ({', '.join(IMAGE_EXTS)}) in its class subfolders")
+        files = [f for f in _listdir(cdir) if f.lower().endswith(IMAGE_EXTS)]
+        if not files:
+            raise _fail("folder", root, f"class subfolder {cdir!r} holds no image files "
+                                        f"({', '.join(IMAGE_EXTS)})")
+        xs += [_read_image(root, os.path.join(cdir, f), size) for f in files]
+        ys += [c] * len(files)
     return ImageSet(np.stack(xs), np.asarray(ys, np.int64)), classes
 
 
@@ -217,6 +337,10 @@ def load_folder(path, size) -> Dataset:
         train, classes = _read_folder(tr_dir, size)
         test, _ = _read_folder(te_dir, size, classes)
     else:
+        for half, other in ((tr_dir, "test"), (te_dir, "train")):
+            if os.path.isdir(half) and any(os.path.isdir(os.path.join(half, d)) for d in _listdir(half)):
+                raise _fail("folder", root, f"{half!r} holds class subfolders but there is no {other}/ "
+                                            f"beside it (train/ and test/ are used as splits together)")
         full, classes = _read_folder(root, size)
         test_mask = np.zeros(len(full), bool)
         for c in range(len(classes)):
@@ -226,11 +350,20 @@ def load_folder(path, size) -> Dataset:
     return Dataset(train, train, test, len(classes), "folder")
 
 
+def load_shapes() -> Dataset:
+    from . import synthetic
+    xtr, ytr, xte, yte = synthetic.shapes_arrays()
+    train = ImageSet(xtr, ytr)
+    return Dataset(train, train, ImageSet(xte, yte), len(synthetic.CLASSES), "shapes")
+
+
 def load(name: str, path: str | None = None, image_size: int | None = None) -> Dataset:
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if name == "digits":
         return load_digits()
+    if name == "shapes":
+        return load_shapes()
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, path)
     if name == "stl10":
