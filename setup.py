@@ -95,7 +95,7 @@ if os.environ.get("AMDIM_KERNELS_BUILD_OPS", "0") not in ("", "0"):
 
 setup(
     name="amdim-kernels",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused, memory-lean AMDIM / Deep InfoMax contrastive losses for PyTorch, and an AMDIM trainer",
     long_description=_read("README.md"),
     long_description_content_type="text/markdown",

@@ -6,4 +6,4 @@ from .reference import mixture_nce_loss_reference, nce_loss_reference
 
 __all__ = ["fused_nce_loss", "nce_loss_reference", "fused_mixture_nce_loss",
            "mixture_nce_loss_reference", "compat", "NCELoss", "MixtureNCELoss"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
