@@ -15,7 +15,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import pickle
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -126,9 +128,16 @@ def load(path: str, what: str = "checkpoint") -> dict:
     """Read and verify a checkpoint written by `save`; `what` names it in errors (e.g. '--resume')."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {path!r} is not a checkpoint written by amdim.train (not a "
+                         f"torch.save zip file; empty, truncated or another format)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # weights_only refuses pickled code: say so rather than run it
+    except pickle.UnpicklingError:   # weights_only refused an object: it could run code, never load it
+        raise ValueError(f"{what} {path!r} is not a readable amdim.train checkpoint: it holds "
+                         f"pickled objects other than tensors and plain types, which could run code "
+                         f"when loaded; it is refused") from None
+    except Exception as e:
         raise ValueError(f"{what} {path!r} is not a readable amdim.train checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
@@ -162,11 +171,16 @@ def architecture(args: dict, image_size: int) -> dict:
     arch = {"method": method, **{k: args.get(k) for k in _ARCH_OPTIONS[method]}, "image_size": image_size}
     if method == "dim":
         arch.update(global_critic=args["alpha"] > 0, local_critic=args["beta"] > 0)
+        if not arch["local_critic"]:   # no local critic: its architecture does not exist
+            arch["local_arch"] = None
     return arch
 
 
 def check_architecture(saved: dict, current: dict, what: str) -> None:
     """ValueError naming every option in which a checkpoint's architecture differs from this run's."""
+    if saved.get("method", "amdim") != current.get("method"):
+        raise ValueError(f"{what} holds a --method {saved.get('method', 'amdim')} model, not --method "
+                         f"{current.get('method')}: pass --method {saved.get('method', 'amdim')}")
     differ = []
     for k in sorted(set(saved) | set(current)):
         if saved.get(k) != current.get(k):
@@ -182,7 +196,7 @@ def build_model(arch: dict, n_classes: int) -> torch.nn.Module:
     if arch["method"] == "dim":
         from .dim import DIM
         return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"],
-                   local_arch=arch["local_arch"], prior=arch["prior"], use_global=arch["global_critic"],
+                   local_arch=arch["local_arch"] or "dot", prior=arch["prior"], use_global=arch["global_critic"],
                    use_local=arch["local_critic"])
     from .model import AMDIM
     return AMDIM(arch["image_size"], arch["ndf"], arch["n_rkhs"], arch["n_depth"], arch["use_bn"],

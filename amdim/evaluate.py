@@ -134,7 +134,11 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
             norm = {k: v for k, v in ck["model"].items() if k.startswith("normalize.")}
             model.load_state_dict(norm, strict=False)
         tr, te = encode(model, labeled, size, dev), encode(model, ds.test, size, dev)
-    names = [n for n in tr if layers is None or n in layers]
+        bad = [n for n in tr if not (torch.isfinite(tr[n]).all() and torch.isfinite(te[n]).all())]
+        if bad:
+            raise ValueError(f"--checkpoint {checkpoint_path!r} gives non-finite {', '.join(bad)} features "
+                             f"(its weights diverged): nothing to probe")
+    names = list(tr) if layers is None else [n for n in layers if n in tr]
     if not names:
         raise ValueError(f"layers {layers!r} match none of this model's representations {list(tr)}")
     train_y, test_y = torch.from_numpy(labeled.labels), torch.from_numpy(ds.test.labels)
@@ -162,6 +166,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for --features random")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise SystemExit(f"error: --json {args.json!r}: its directory does not exist")
     try:
         result = evaluate(args.checkpoint, args.features, args.data_path, args.device, args.seed, args.layer)
     except (ValueError, FileNotFoundError) as e:

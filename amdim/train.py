@@ -162,6 +162,9 @@ def resolve_options(args, parser_defaults: dict | None = None) -> None:
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", args.method)
     if args.method == "dim":
+        if args.image_size not in (None, 32, 64):
+            raise ValueError(f"--image-size {args.image_size} is not available for --method dim "
+                             f"(its encoders take 32 or 64 px images)")
         args.estimator = args.estimator or "jsd"
         for k, v in DIM_PRESETS[args.dim_preset].items():
             if getattr(args, k) is None:
@@ -209,8 +212,9 @@ def prepare_out_dir(args, rank: int) -> str:
     held = [f for f in (CHECKPOINT, METRICS) if os.path.exists(os.path.join(out, f))]
     resuming_here = bool(args.resume) and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path)
     if held and not args.overwrite and not resuming_here:
-        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): pass --resume "
-                         f"{ck_path} to continue it, --overwrite to replace it, or another --out-dir")
+        cont = f"--resume {ck_path} to continue it, " if CHECKPOINT in held else ""
+        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): pass {cont}"
+                         f"--overwrite to replace it, or another --out-dir")
     if rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
@@ -223,6 +227,19 @@ def prepare_out_dir(args, rank: int) -> str:
         _lock_out_dir(out)
         checkpoint.remove_stale_temporaries(out)
     return ck_path
+
+
+def clear_replaced_run(args, rank: int) -> None:
+    """With --overwrite (set-up having succeeded), remove the earlier run's checkpoint and metrics,
+    also when this run resumes from a checkpoint elsewhere; a resume in place keeps its metrics."""
+    ck_path = os.path.join(args.out_dir, CHECKPOINT)
+    if rank != 0 or not args.overwrite:
+        return
+    if args.resume and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path):
+        return
+    for f in (CHECKPOINT, METRICS):
+        if os.path.exists(os.path.join(args.out_dir, f)):
+            os.remove(os.path.join(args.out_dir, f))
 
 
 _OUT_DIR_LOCKS = {}   # out dir -> open lock file, held while this process trains there
@@ -251,9 +268,16 @@ def _lock_out_dir(out: str) -> None:
 
 
 def _unlock_out_dir(out: str) -> None:
+    """Release the lock; remove it, and the directory if a failed set-up left it empty."""
     f = _OUT_DIR_LOCKS.pop(os.path.realpath(out), None)
-    if f is not None:
-        f.close()
+    if f is None:
+        return
+    os.remove(f.name)
+    f.close()
+    try:
+        os.rmdir(out)   # only succeeds when nothing was written
+    except OSError:
+        pass
 
 
 @dataclass
@@ -279,7 +303,19 @@ class Run:
     start_epoch: int = 0
     start_step: int = 0
 
+    def check_weights(self, epoch, step):
+        """Stop if the weights are not finite (on every rank: DDP keeps them equal), so that a
+        diverged model is never evaluated as if it were fine nor replaces the last good checkpoint."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            kept = (f"the last good checkpoint is kept: {self.ck_path}" if os.path.exists(self.ck_path)
+                    else "no checkpoint was written")
+            raise Stop(EXIT_NON_FINITE, f"the weights became non-finite ({epoch} epoch(s) and "
+                                        f"{step} step(s) in): training stopped, {kept}. "
+                                        f"Try a lower --lr, or --amp none.")
+
     def save(self, epoch, step):
+        """Write the checkpoint (rank 0) after checking the weights (every rank)."""
+        self.check_weights(epoch, step)
         if self.rank != 0:
             return
         try:
@@ -287,6 +323,7 @@ class Run:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": checkpoint.rng_state(self.aug_gen), "epoch": epoch, "step": step,
+                "global_step": epoch * self.steps + step, "training": training_options(self),
                 "args": vars(self.args), "arch": self.arch, "n_classes": self.ds.n_classes})
         except OSError as e:
             raise Stop(EXIT_IO, f"cannot write the checkpoint {self.ck_path} ({e.strerror or e}); "
@@ -334,10 +371,7 @@ def setup(args, rank, world, local_rank) -> Run:
               make_step(args, size), aug_gen, arch, ck_path, MetricsLog(args.out_dir, rank == 0))
     if ck is not None:
         _restore(run, ck)
-    elif args.overwrite and rank == 0:
-        for f in (ck_path, os.path.join(args.out_dir, METRICS)):
-            if os.path.exists(f):
-                os.remove(f)
+    clear_replaced_run(args, rank)
     if world > 1:
         # BatchNorm over the global batch, so K processes match one process exactly
         convert_batchnorm(model)
@@ -346,9 +380,28 @@ def setup(args, rank, world, local_rank) -> Run:
     return run
 
 
+def training_options(run: Run) -> dict:
+    """The options besides the architecture that an exact continuation must keep: the objective,
+    the batch and the data order. (--lr, --epochs and the runtime options may change.)"""
+    a = run.args
+    keep = {"batch_size": a.batch_size, "steps_per_epoch": run.steps, "seed": a.seed, "estimator": a.estimator}
+    names = (("alpha", "beta", "gamma", "dim_augment") if a.method == "dim" else
+             ("costs", "dense", "tclip", "reg_weight", "mix_tau", "mix_alpha"))
+    keep.update({k: getattr(a, k) for k in names})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}
+
+
 def _restore(run: Run, ck: dict) -> None:
     args = run.args
-    checkpoint.check_architecture(ck.get("arch") or {}, run.arch, f"--resume {args.resume!r}")
+    what = f"--resume {args.resume!r}"
+    checkpoint.check_architecture(ck.get("arch") or {}, run.arch, what)
+    saved = ck.get("training") or {}
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {v!r}"
+              for k, v in training_options(run).items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"{what} cannot continue exactly with other training options: "
+                         + "; ".join(differ) + " (only --lr, --epochs and runtime options may change; "
+                         "start a new run with --out-dir to change them)")
     run.model.load_state_dict(ck["model"])
     run.optimizer.load_state_dict(ck["optimizer"])
     for group in run.optimizer.param_groups:   # the command line's lr wins over the saved one
@@ -359,7 +412,7 @@ def _restore(run: Run, ck: dict) -> None:
     run.start_epoch, run.start_step = ck["epoch"], ck["step"]
     if run.rank == 0 and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), args.out_dir):
         # records written after this checkpoint (the run was killed before its next save) are redone
-        run.log.truncate_after(run.start_epoch * run.steps + run.start_step)
+        run.log.truncate_after(ck["global_step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,9 +472,9 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
         if agree(not finite, device):
             raise Stop(EXIT_NON_FINITE,
                        f"non-finite loss or features at epoch {epoch + 1}, step {step}: training "
-                       f"stopped. The last good checkpoint is kept: {run.ck_path}"
-                       + ("" if os.path.exists(run.ck_path) else " (none was written yet)")
-                       + ". Try a lower --lr, or --amp none.")
+                       f"stopped. " + (f"The last good checkpoint is kept: {run.ck_path}."
+                                       if os.path.exists(run.ck_path) else "No checkpoint was written yet.")
+                       + " Try a lower --lr, or --amp none.")
         run.optimizer.zero_grad(set_to_none=True)
         if run.scaler is not None:
             run.scaler.scale(total).backward()
@@ -445,6 +498,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
             run.log.write({"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
                            "images_per_s": ips, **scalars}, global_step)
     bar.close()
+    run.check_weights(epoch + 1, 0)
     rec = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
            "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
            "last_loss": summary["losses"][-1] if summary["losses"] else None}

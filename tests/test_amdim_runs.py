@@ -93,7 +93,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path):
         pickle.dump({"model": _RunsCode(marker), "args": {}}, f)
     torch.save({"format": checkpoint.FORMAT, "model": _RunsCode(marker)}, tmp_path / "evil_zip.pt")
     for p in (path, tmp_path / "evil_zip.pt"):
-        with pytest.raises(ValueError, match="not a readable"):
+        with pytest.raises(ValueError, match="not a readable|not a checkpoint written by amdim.train"):
             evaluate.evaluate(str(p))
         with pytest.raises(SystemExit, match="--resume"):
             _run(tmp_path / "r", "--resume", str(p))
@@ -220,3 +220,58 @@ def test_evaluate_finds_a_relative_data_path_from_anywhere(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path / "run")
     res = evaluate.evaluate(str(tmp_path / "run" / checkpoint.CHECKPOINT))
     assert res["dataset"] == "folder" and 0 <= res["test_top1"] <= 1
+
+
+def test_diverged_weights_are_never_saved_or_evaluated(tmp_path, monkeypatch):
+    """A step whose update leaves non-finite weights (its loss was finite) stops the run before the
+    epoch's evaluation and save: the last good checkpoint stays the previous epoch's."""
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = torch.optim.Adam.step
+
+    def blowing_up(self, *a, **k):
+        result = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:          # second epoch: the update leaves infinite weights
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+    monkeypatch.setattr(torch.optim.Adam, "step", blowing_up)
+    with pytest.raises(train.Stop) as stop:
+        _run(out, "--epochs", "3", "--steps-per-epoch", "1", "--no-eval")
+    assert stop.value.code == train.EXIT_NON_FINITE and "weights became non-finite" in str(stop.value)
+    assert checkpoint.load(str(out / checkpoint.CHECKPOINT))["epoch"] == 1
+    assert [r["epoch"] for r in _records(out) if r["kind"] == "epoch"] == [1]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--batch-size", "16"], "--batch-size 32 .checkpoint. vs 16"),
+    (["--estimator", "jsd"], "--estimator 'nce' .checkpoint. vs 'jsd'"),
+    (["--seed", "9"], "--seed 0 .checkpoint. vs 9"),
+    (["--method", "dim"], "holds a --method amdim model"),
+])
+def test_resume_refuses_options_that_break_an_exact_continuation(trained, tmp_path, change, message):
+    args = ["--epochs", "2", "--steps-per-epoch", "2", "--resume", str(trained)] + change
+    if change[0] == "--method":   # DIM rejects AMDIM's width options: give it its own
+        args = ["--method", "dim", "--ndf", "4", "--batch-size", "32", "--out-dir", str(tmp_path / "d"),
+                "--epochs", "2", "--resume", str(trained)]
+        with pytest.raises(SystemExit, match=message):
+            train.run(train.build_parser().parse_args(args))
+        return
+    with pytest.raises(SystemExit, match=message):
+        _run(tmp_path / "other", *args)
+
+
+def test_overwrite_with_a_resume_from_elsewhere_starts_clean_metrics(trained, tmp_path):
+    out = tmp_path / "b"
+    _run(out, "--epochs", "1", "--steps-per-epoch", "1", "--seed", "5")     # another run in b
+    _run(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume", str(trained), "--overwrite")
+    steps = [r["global_step"] for r in _records(out) if r["kind"] == "train"]
+    assert steps == [3, 4]                                                  # only the continuation
+
+
+def test_evaluate_checks_its_json_path_first(trained, tmp_path):
+    cli = subprocess.run([sys.executable, "-m", "amdim.evaluate", "--checkpoint", str(trained),
+                          "--json", str(tmp_path / "missing" / "r.json")], capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode != 0 and "error: --json" in cli.stderr and "Traceback" not in cli.stderr
