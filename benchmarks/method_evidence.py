@@ -46,21 +46,37 @@ CONFIGS = {
 BUDGET = {"digits": ["--epochs", "10"], "shapes": ["--epochs", "2"]}
 
 
-def train(dataset: str, name: str, out_root: Path, seed: int) -> dict:
+def train(dataset: str, name: str, out_root: Path, seed: int, reuse: bool = False) -> dict:
     out = out_root / dataset / name
     cmd = [sys.executable, "-m", "amdim.train", "--dataset", dataset, "--out-dir", str(out), "--overwrite",
            "--no-progress", "--no-eval", "--seed", str(seed), *BUDGET[dataset], *CONFIGS[name][0]]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    wall = None
+    if not (reuse and _finished(out, cmd)):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(out / "command.json", "w") as f:
+            json.dump({"command": cmd[1:], "wall_s": wall}, f)
+    else:
+        with open(out / "command.json") as f:
+            wall = json.load(f)["wall_s"]
     with open(out / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     train_recs = [r for r in records if r["kind"] == "train"]
     return {"command": "python -m amdim.train " + " ".join(cmd[3:]), "wall_s": wall,
             "steps": train_recs[-1]["global_step"], "checkpoint": str(out / "checkpoint.pt"),
             "first_loss": train_recs[0]["loss"], "last_loss": train_recs[-1]["loss"]}
+
+
+def _finished(out: Path, cmd: list) -> bool:
+    """--reuse: the run in `out` was made by this very command and completed."""
+    try:
+        with open(out / "command.json") as f:
+            return json.load(f)["command"] == cmd[1:]
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def probe(checkpoint: str, features: str) -> dict:
@@ -146,6 +162,7 @@ def main():
     p.add_argument("--datasets", default="digits,shapes")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"from {','.join(CONFIGS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs of the same command in --out-root")
     p.add_argument("--epochs", type=int, default=None, help="override the per-dataset budget (quick runs)")
     p.add_argument("--out-root", default=str(ROOT / "runs" / "evidence"))
     p.add_argument("--loss-shapes", default="256,64,256;1024,64,256",
@@ -171,7 +188,7 @@ def main():
         runs = result["datasets"].setdefault(ds, {})
         for name in configs:
             print(f"[{ds}] training {name} ...", flush=True)
-            r = {"train": train(ds, name, out_root, args.seed), "expectation": CONFIGS[name][1]}
+            r = {"train": train(ds, name, out_root, args.seed, args.reuse), "expectation": CONFIGS[name][1]}
             r["probe"] = probe(r["train"]["checkpoint"], "trained")
             print(f"[{ds}] {name}: {json.dumps(r['probe'])} ({r['train']['wall_s']:.0f} s)", flush=True)
             runs[name] = r
