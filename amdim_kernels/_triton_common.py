@@ -1,5 +1,6 @@
-"""What the Triton kernels share: the interpreter switch, the elementwise math of the score
-epilogue (tanh and its derivative, softplus, sigmoid), the fp32 dot precision and the device guard.
+"""What the Triton kernels share: the interpreter switch, the score tile (a = src . trg^T, or its
+transpose), the elementwise math of the score epilogue (tanh and its derivative, softplus,
+sigmoid), the fp32 dot precision and the device guard.
 
 The math is written with tl.exp / tl.log / tl.where only: the interpreter (TRITON_INTERPRET=1, which
 the tests use) has no libdevice and no tl.tanh. tanh is the same approximation as the C++ and CUDA
@@ -88,6 +89,38 @@ def _sigmoid(x):
     # from e = exp(-|x|) <= 1: no overflow for either sign (as csrc/common.h)
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
+                INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The fp32 (BLOCK_L, BLOCK_R) tile lhs[rows] @ rhs[rows]^T of two row-major operands of D
+    columns (unscaled): src x trg for a, or trg x src for a^T. lhs_rows (BLOCK_L, 1) and rhs_rows
+    (1, BLOCK_R) point at the rows' starts, lhs_ok (BLOCK_L,) and rhs_ok (BLOCK_R,) mask them;
+    padded rows and columns are loaded as zeros, so their entries of the tile are exactly 0.
+    ONE_CHUNK (D <= BLOCK_D): lhs_all is the caller's (BLOCK_L, BLOCK_D) lhs block, loaded once
+    outside its loop (and upcast under UPCAST), and the tile is one dot; else (lhs_all unused)
+    tl.dot accumulates over D in BLOCK_D chunks. UPCAST: the interpreter's bf16 tl.dot is wrong,
+    so dot in fp32."""
+    if ONE_CHUNK:
+        ks = tl.arange(0, BLOCK_D)
+        y = tl.load(rhs_rows + ks[:, None], mask=(ks < D)[:, None] & rhs_ok[None, :], other=0.0)
+        if UPCAST:
+            y = y.to(tl.float32)
+        a = tl.dot(lhs_all, y, input_precision=INPUT_PRECISION)
+    else:
+        a = tl.zeros((BLOCK_L, BLOCK_R), tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            kc = k0 + tl.arange(0, BLOCK_D)
+            k_ok = kc < D
+            x = tl.load(lhs_rows + kc[None, :], mask=lhs_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.load(rhs_rows + kc[:, None], mask=k_ok[:, None] & rhs_ok[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                y = y.to(tl.float32)
+            a = tl.dot(x, y, a, input_precision=INPUT_PRECISION)
+    return a
 
 
 def input_precision(dtype: torch.dtype) -> str:

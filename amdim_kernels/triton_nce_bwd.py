@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _sigmoid, _tanh_dtanh, check_device, device_guard,
-                             input_precision, sm_count)
+from ._triton_common import (INTERPRET, _score_tile, _sigmoid, _tanh_dtanh, check_device,
+                             device_guard, input_precision, sm_count)
 
 # GPU tile configs (autotuned per shape). The accumulator is the register-hungry part: 64 x 256
 # fp32 over 8 warps is 64 registers per thread, beside the score tile and the operand tiles. The
@@ -159,6 +159,8 @@ def _nce_bwd_src_kernel(
         x_all = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
         if UPCAST:
             x_all = x_all.to(tl.float32)
+    else:
+        x_all = None   # _score_tile loads the row block chunk by chunk
 
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     col_begin = pid_s * cols_per_split
@@ -167,22 +169,8 @@ def _nce_bwd_src_kernel(
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < col_end
         trg_cols = trg_ptr + cols.to(tl.int64)[None, :] * D
-        if ONE_CHUNK:
-            y = tl.load(trg_cols + ks[:, None], mask=(ks < D)[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                y = y.to(tl.float32)
-            a = tl.dot(x_all, y, input_precision=INPUT_PRECISION)
-        else:
-            a = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                kc = k0 + tl.arange(0, BLOCK_D)
-                k_ok = kc < D
-                x = tl.load(src_rows + kc[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                y = tl.load(trg_cols + kc[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
-                    x = x.to(tl.float32)
-                    y = y.to(tl.float32)
-                a = tl.dot(x, y, a, input_precision=INPUT_PRECISION)
+        a = _score_tile(x_all, src_rows, row_ok, trg_cols, col_ok, D, INPUT_PRECISION, UPCAST,
+                        ONE_CHUNK, BLOCK_N, BLOCK_M, BLOCK_D)
         g = _score_grad(a * scale, cols[None, :], pidx[:, None], gneg[:, None], nstat[:, None],
                         gp_base[:, None], row_ok[:, None] & col_ok[None, :], gp_ptr, gsq2, scale,
                         tclip, inv_tclip, L, CLIP, NEG_LSE)
@@ -231,6 +219,8 @@ def _nce_bwd_trg_kernel(
         y_all = tl.load(trg_cols + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
         if UPCAST:
             y_all = y_all.to(tl.float32)
+    else:
+        y_all = None   # _score_tile loads the column block chunk by chunk
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     for r0 in range(0, N, BLOCK_N):
@@ -244,22 +234,8 @@ def _nce_bwd_trg_kernel(
         pidx = pidx.to(tl.int32)
         src_rows = src_ptr + rows64[None, :] * D
         # the score tile transposed, a^T (BLOCK_M x BLOCK_N): g^T then feeds the product as is
-        if ONE_CHUNK:
-            x = tl.load(src_rows + ks[:, None], mask=(ks < D)[:, None] & row_ok[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-            at = tl.dot(y_all, x, input_precision=INPUT_PRECISION)
-        else:
-            at = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                kc = k0 + tl.arange(0, BLOCK_D)
-                k_ok = kc < D
-                y = tl.load(trg_cols + kc[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                x = tl.load(src_rows + kc[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-                if UPCAST:
-                    x = x.to(tl.float32)
-                    y = y.to(tl.float32)
-                at = tl.dot(y, x, at, input_precision=INPUT_PRECISION)
+        at = _score_tile(y_all, trg_cols, col_ok, src_rows, row_ok, D, INPUT_PRECISION, UPCAST,
+                         ONE_CHUNK, BLOCK_M, BLOCK_N, BLOCK_D)
         gt = _score_grad(at * scale, cols[:, None], pidx[None, :], gneg[None, :], nstat[None, :],
                          gp_base[None, :], col_ok[:, None] & row_ok[None, :], gp_ptr, gsq2, scale,
                          tclip, inv_tclip, L, CLIP, NEG_LSE)

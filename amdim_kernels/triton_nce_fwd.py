@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _softplus, _tanh, _tanh_rational, check_device,
-                             device_guard, input_precision, sm_count)
+from ._triton_common import (INTERPRET, _score_tile, _softplus, _tanh, _tanh_rational,
+                             check_device, device_guard, input_precision, sm_count)
 
 # Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
 # the default. AMDIM_KERNELS_FWD_TANH=rational: the clip's tanh as a rational function (one
@@ -131,6 +131,8 @@ def _nce_fwd_split_kernel(
         x_all = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
         if UPCAST:
             x_all = x_all.to(tl.float32)
+    else:
+        x_all = None   # _score_tile loads the row block chunk by chunk
 
     m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     acc_i = tl.zeros((BLOCK_N,), tl.float32)
@@ -141,22 +143,8 @@ def _nce_fwd_split_kernel(
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < col_end
         trg_cols = trg_ptr + cols.to(tl.int64)[None, :] * D
-        if ONE_CHUNK:
-            y = tl.load(trg_cols + ks[:, None], mask=(ks < D)[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                y = y.to(tl.float32)
-            a = tl.dot(x_all, y, input_precision=INPUT_PRECISION)
-        else:
-            a = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                kc = k0 + tl.arange(0, BLOCK_D)
-                k_ok = kc < D
-                x = tl.load(src_rows + kc[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                y = tl.load(trg_cols + kc[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
-                    x = x.to(tl.float32)
-                    y = y.to(tl.float32)
-                a = tl.dot(x, y, a, input_precision=INPUT_PRECISION)
+        a = _score_tile(x_all, src_rows, row_ok, trg_cols, col_ok, D, INPUT_PRECISION, UPCAST,
+                        ONE_CHUNK, BLOCK_N, BLOCK_M, BLOCK_D)
         a = a * scale
         # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
         sq_i += tl.sum(a * a, axis=1)
