@@ -124,7 +124,7 @@ def loss_cost(b: int, n_loc: int, d: int) -> dict:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = ["# Self-supervised methods on the built-in datasets", "",
-             f"{harness.versions_line(env)}; commit {env.get('commit')}; load average at start / end "
+             f"{harness.versions_line(env)}; load average at start / end "
              f"{result['loadavg_start']} / {result['loadavg_end']}.", "",
              "Linear probe = closed-form ridge on frozen features (`python -m amdim.evaluate`), test top-1. "
              "Each configuration trains for the same optimizer steps on a dataset "

@@ -242,3 +242,25 @@ def test_bench_mixture_quick_writes_json_markdown_and_png(tmp_path):
     assert all(s["speedup"] > 0 for s in result["summary"])
     assert "| jsd | fwd+bwd | fused |" in out.with_suffix(".md").read_text()
     assert is_png(out.with_suffix(".png"))
+
+
+def test_method_evidence_runs_end_to_end(tmp_path):
+    """benchmarks/method_evidence.py at its smallest: one DIM(G) run for an epoch on digits, its
+    probes, the baselines and a tiny local-loss measurement, written as JSON and markdown; a second
+    call with --reuse does not train again."""
+    out = tmp_path / "ev"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "method_evidence.py"), "--datasets", "digits",
+           "--configs", "dim_g_jsd", "--epochs", "1", "--loss-shapes", "8,4,8",
+           "--out-root", str(tmp_path / "runs"), "--output", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    result = json.loads(out.with_suffix(".json").read_text())
+    runs = result["datasets"]["digits"]
+    assert set(runs) == {"dim_g_jsd", "pixels"}
+    assert set(runs["dim_g_jsd"]["probe"]) == {"conv", "fc", "y"}
+    assert all(0 <= v["test_top1"] <= 1 for v in runs["dim_g_jsd"]["probe"].values())
+    loss = result["local_loss"][0]
+    assert loss["fused"]["median_s"] > 0 and loss["reference"]["peak_extra_mib"] >= 0
+    assert "| dim_g_jsd |" in out.with_suffix(".md").read_text()
+    stamp = (tmp_path / "runs" / "digits" / "dim_g_jsd" / "checkpoint.pt").stat().st_mtime_ns
+    subprocess.run(cmd + ["--reuse"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert (tmp_path / "runs" / "digits" / "dim_g_jsd" / "checkpoint.pt").stat().st_mtime_ns == stamp
