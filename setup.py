@@ -121,8 +121,9 @@ setup(
     # tqdm: amdim.train's progress bar.
     install_requires=["torch>=2.4", "ninja", "numpy", "scikit-learn", "tqdm"],
     extras_require={
-        # triton: the tests run the Triton kernels under its CPU interpreter and compile them for sm_90
-        "test": ["pytest", "triton", "pillow"],
+        # triton: the tests run the Triton kernels under its CPU interpreter and compile them for sm_90;
+        # matplotlib: the benchmark plots are tested too
+        "test": ["pytest", "triton", "pillow", "matplotlib"],
         "triton": ["triton"],
         "amdim": ["pillow"],        # image-folder datasets
         "bench": ["matplotlib"],    # benchmark plots

@@ -58,7 +58,7 @@ def test_dim_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--alpha", "0", "--beta", "0"], "--alpha and --beta are both 0"),
     (["--prior", "none"], "--gamma 0.1 weights prior matching, but --prior is none"),
-    (["--image-size", "128"], "image_size must be one of"),
+    (["--image-size", "128"], "--image-size 128 is not available for --method dim"),
     (["--n-mix", "2"], "--n-mix does not apply to --method dim"),
 ])
 def test_dim_option_errors(tmp_path, argv, message):
