@@ -8,7 +8,6 @@ check runs in a subprocess without the interpreter. Tests marked gpu run on a re
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -23,6 +22,7 @@ from amdim_kernels import triton_nce_bwd as tnb  # noqa: E402
 from amdim_kernels.nce import estimator_loss  # noqa: E402
 from amdim_kernels.reference import mixture_nce_loss_reference, nce_loss_reference  # noqa: E402
 from test_cuda_nce_bwd import input_grads, problem, rel_err, statistics  # noqa: E402
+from sm90_compile import run_compile_script  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ("logsumexp", "softplus_sum")
@@ -277,34 +277,10 @@ def test_registration_without_the_cuda_extension(cuda_buildable, choice, registe
 
 # ---- sm_90 compilation without a GPU ----------------------------------------------------------
 _COMPILE_SCRIPT = textwrap.dedent(r"""
-    import contextlib, io, json, re
+    import json
     import torch
-    import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
+    from sm90_compile import compile_one, jit_function
     from amdim_kernels import triton_nce_bwd as tnb
-
-    target = GPUTarget("cuda", 90, 32)
-    aligned = BaseBackend.parse_attr("D")
-
-    def compile_one(jit_fn, types, constexprs, divisible, num_warps, num_stages):
-        names = jit_fn.arg_names
-        sig = {a: "constexpr" if a in constexprs else types[a] for a in names}
-        attrs = {(names.index(a),): aligned for a in divisible}
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):   # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
-            k = triton.compile(ASTSource(jit_fn, sig, constexprs, attrs), target=target,
-                               options=dict(num_warps=num_warps, num_stages=num_stages))
-        log = log.getvalue()
-        regs = re.findall(r"Used (\d+) registers", log)
-        spills = re.findall(r"(\d+) bytes spill stores", log)
-        return dict(cubin=len(k.asm.get("cubin", b"")), shared=k.metadata.shared,
-                    regs=int(regs[-1]) if regs else None, spills=int(spills[-1]) if spills else None)
-
-    def jit_function(kernel):   # unwrap autotune / heuristics
-        while not isinstance(kernel, triton.runtime.jit.JITFunction):
-            kernel = kernel.fn
-        return kernel
 
     out = []
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -343,14 +319,7 @@ SPILL_BUDGET = {"bf16": 160, "fp16": 160, "fp32": 640}
 @pytest.fixture(scope="module")
 def sm90_builds(tmp_path_factory):
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton_cache")), TRITON_DUMP_PTXAS_LOG="1",
-               TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_compile_script(_COMPILE_SCRIPT, tmp_path_factory.mktemp("triton_cache"), timeout=1800)
 
 
 def test_every_config_compiles_for_sm90_within_budgets(sm90_builds):

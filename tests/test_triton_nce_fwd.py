@@ -6,11 +6,7 @@ without the interpreter. Tests marked gpu compare against a float64 ground truth
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")   # an optional dependency (extras "triton"); the CPU torch wheel lacks it
 from amdim_kernels import triton_nce_fwd as tnf  # noqa: E402
 from amdim_kernels.reference import raw_scores, soft_clip  # noqa: E402
+from sm90_compile import run_compile_script  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ("logsumexp", "softplus_sum")
@@ -166,34 +163,10 @@ def test_rejects_float64():
 # runs in a fresh interpreter-free subprocess with an empty Triton cache (ptxas must run to
 # report registers and spills).
 _COMPILE_SCRIPT = textwrap.dedent(r"""
-    import contextlib, io, json, re, sys
+    import json
     import torch
-    import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
+    from sm90_compile import compile_one, jit_function
     from amdim_kernels import triton_nce_fwd as tnf
-
-    target = GPUTarget("cuda", 90, 32)
-    aligned = BaseBackend.parse_attr("D")   # what a launch with 16-aligned pointers / D sees
-
-    def compile_one(jit_fn, types, constexprs, divisible, num_warps, num_stages):
-        names = jit_fn.arg_names
-        sig = {a: "constexpr" if a in constexprs else types[a] for a in names}
-        attrs = {(names.index(a),): aligned for a in divisible}
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):   # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
-            k = triton.compile(ASTSource(jit_fn, sig, constexprs, attrs), target=target,
-                               options=dict(num_warps=num_warps, num_stages=num_stages))
-        log = log.getvalue()
-        regs = re.findall(r"Used (\d+) registers", log)
-        spills = re.findall(r"(\d+) bytes spill stores", log)
-        return dict(cubin=len(k.asm.get("cubin", b"")), shared=k.metadata.shared,
-                    regs=int(regs[-1]) if regs else None, spills=int(spills[-1]) if spills else None)
-
-    def jit_function(kernel):   # unwrap autotune / heuristics
-        while not isinstance(kernel, triton.runtime.jit.JITFunction):
-            kernel = kernel.fn
-        return kernel
 
     split = jit_function(tnf._nce_fwd_split_kernel)
     out = []
@@ -247,15 +220,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
 @pytest.fixture(scope="module")
 def sm90_builds(tmp_path_factory):
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton_cache")), TRITON_DUMP_PTXAS_LOG="1",
-               TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_compile_script(_COMPILE_SCRIPT, tmp_path_factory.mktemp("triton_cache"), timeout=600)
 
 
 def test_every_config_compiles_for_sm90(sm90_builds):
