@@ -2,6 +2,7 @@
 default), never a plausible number; no host synchronisation on the default CUDA path; a clear
 error for double backward; autocast-independent results; float32-safe option ranges."""
 import math
+import os
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import amdim_kernels as ak
 from amdim_kernels import _validate, compat, ops
-from loss_checks import assert_matches, loss_and_grads, make_inputs
+from loss_checks import assert_matches, expect_fused, loss_and_grads, make_inputs
 
 NCE_FNS = [ak.fused_nce_loss, ak.nce_loss_reference]
 MIX_FNS = [ak.fused_mixture_nce_loss, ak.mixture_nce_loss_reference]
@@ -475,3 +476,86 @@ def test_compat_accepts_bool_masks():
     with pytest.raises(ValueError, match="row 3"):
         compat.g2l_loss(r_src, r_trg, bad)
     assert_all_nan(compat.g2l_loss(r_src, r_trg, bad, strict=False))
+
+
+# ------------------------------------------------------------------------------- torch.jit.trace
+
+def trace_cases():
+    """(name, loss(strict) -> the function to trace, its arguments)."""
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, requires_grad=False)
+    mix = make_inputs(6, 5, 3, 4, k=2, requires_grad=False)[0]
+    r_trg, mask = trg.reshape(15, 4).t().contiguous(), torch.nn.functional.one_hot(pos_idx, 5)
+
+    def bind(fn, **kw):
+        return lambda strict: (lambda *a: fn(*a, strict=strict, **kw))
+
+    return [("fused_nce_loss", bind(ak.fused_nce_loss), (src, trg, pos_idx)),
+            ("fused_nce_loss dv", bind(ak.fused_nce_loss, estimator="dv"), (src, trg, pos_idx)),
+            ("nce_loss_reference", bind(ak.nce_loss_reference), (src, trg, pos_idx)),
+            ("fused_mixture_nce_loss", bind(ak.fused_mixture_nce_loss), (mix, trg, pos_idx)),
+            ("mixture_nce_loss_reference", bind(ak.mixture_nce_loss_reference), (mix, trg, pos_idx)),
+            ("NCELoss", lambda strict: ak.NCELoss(strict=strict), (src, trg, pos_idx)),
+            ("g2l_loss", bind(compat.g2l_loss), (src, r_trg, mask))]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("name,loss,args", trace_cases(), ids=[c[0] for c in trace_cases()])
+def test_jit_trace_is_refused_and_eager_calls_stay_checked(name, loss, args):
+    """A trace would keep the strict checks' outcome as constants: an invalid pos_idx would then
+    give a finite loss (and DV would keep the traced sizes). Refused with an error saying what
+    works, in either strict mode; the eager calls around it keep their checks."""
+    want = loss(None)(*args)
+    for strict in (None, False):
+        with pytest.raises(RuntimeError, match=r"cannot be traced with torch\.jit\.trace.*torch\.compile or torch\.export"):
+            torch.jit.trace(loss(strict), args, check_trace=False)
+    torch.testing.assert_close(loss(None)(*args), want, rtol=0, atol=0)
+    bad_args = list(args)
+    if name == "g2l_loss":
+        bad_args[2] = args[2].clone().index_fill(1, torch.tensor([0]), 1)   # two 1s in some rows
+        error = "mask_mat rows must be one-hot"
+    else:
+        bad_args[2] = args[2].index_fill(0, torch.tensor([1]), 5)
+        error = "pos_idx values must lie in"
+    with pytest.raises(ValueError, match=error):
+        loss(None)(*bad_args)
+    assert_all_nan(loss(False)(*bad_args))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_jit_trace_of_a_model_holding_the_loss_is_refused():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.loss = torch.nn.Linear(4, 4), ak.NCELoss()
+
+        def forward(self, src, trg):
+            return self.loss(self.proj(src), trg)[0]
+
+    src, trg, _ = make_inputs(5, 5, 3, 4, requires_grad=False)
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(Model(), (src, trg))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_torch_export_keeps_the_checks(estimator):
+    """What the trace error recommends: an exported program poisons invalid values, and on other
+    sizes gives their loss, or refuses them where export specialised on the sizes (DV's log of
+    the count of negative pairs): never the example's count applied to other sizes."""
+    class Loss(torch.nn.Module):
+        def forward(self, src, trg, pos_idx):
+            return ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator)
+
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, requires_grad=False)
+    dims = dict(src=(torch.export.Dim("n"), None), trg=(torch.export.Dim("b"), None, None),
+                pos_idx=(torch.export.Dim("n"),))
+    with expect_fused():
+        program = torch.export.export(Loss(), (src, trg, pos_idx), dynamic_shapes=dims).module()
+    torch.testing.assert_close(program(src, trg, pos_idx),
+                               ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator))
+    assert_all_nan(program(src, trg, pos_idx.index_fill(0, torch.tensor([1]), 5)))
+    other = make_inputs(9, 7, 3, 4, seed=1, requires_grad=False)
+    if estimator == "dv":
+        with pytest.raises(AssertionError, match="Guard failed"):
+            program(*other)
+    else:
+        torch.testing.assert_close(program(*other), ak.nce_loss_reference(*other, estimator=estimator))

@@ -242,6 +242,10 @@ BAD = [
     ("N != B without pos_idx", lambda: dict(src_mix=torch.randn(5, 2, 5), trg=ok()[1]), ValueError, ["pos_idx"]),
     ("tclip <= 0", lambda: dict(src_mix=ok()[0], trg=ok()[1], tclip=-2.0), ValueError, ["tclip"]),
     ("NaN in src_mix", lambda: dict(src_mix=ok()[0].index_fill(0, torch.tensor([1]), math.nan), trg=ok()[1]), ValueError, ["src_mix", "NaN"]),
+    # the shapes the caller passed, not those of the (N, D) slice checked like an NCE source
+    ("B = 0", lambda: dict(src_mix=ok()[0], trg=torch.randn(0, 3, 5)), ValueError, ["non-empty", "src_mix (4, 2, 5)", "trg (0, 3, 5)"]),
+    ("L = 0", lambda: dict(src_mix=ok()[0], trg=torch.randn(4, 0, 5)), ValueError, ["non-empty", "src_mix (4, 2, 5)", "trg (4, 0, 5)"]),
+    ("N = 0", lambda: dict(src_mix=torch.randn(0, 2, 5), trg=ok()[1]), ValueError, ["non-empty", "src_mix (0, 2, 5)", "trg (4, 3, 5)"]),
 ]
 
 
