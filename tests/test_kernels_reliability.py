@@ -559,3 +559,47 @@ def test_torch_export_keeps_the_checks(estimator):
             program(*other)
     else:
         torch.testing.assert_close(program(*other), ak.nce_loss_reference(*other, estimator=estimator))
+
+
+# ------------------------------------------------------------------------ TORCH_EXTENSIONS_DIR
+
+def _unbuildable_spec():
+    """A spec no cache holds, so build_and_load must create its directory (it fails before any
+    compiler runs)."""
+    from amdim_kernels import _extension
+    return _extension.make_spec("amdim_kernels_cache_probe", [], "no sources", cflags=[],
+                                ldflags=[], cuda_cflags=[], with_cuda=False)
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "read-only"])
+def test_unusable_torch_extensions_dir_is_named(tmp_path, monkeypatch, kind):
+    from amdim_kernels import _extension
+    if kind == "read-only":
+        path = tmp_path / "ro"
+        path.mkdir()
+        path.chmod(0o555)
+        if os.access(path, os.W_OK):
+            pytest.skip("this user (root) can write to a read-only directory")
+    else:
+        (tmp_path / "f").write_text("not a directory")
+        path = tmp_path / "f" if kind == "a file" else tmp_path / "f" / "sub"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(path))
+    with pytest.raises(_extension.BuildError) as info:
+        _extension.build_and_load(_unbuildable_spec())
+    message = str(info.value)
+    assert f"TORCH_EXTENSIONS_DIR={str(path)!r}" in message, message
+    assert "writable directory" in message and "AMDIM_KERNELS_BUILD_OPS=1" in message, message
+
+
+def test_unusable_default_extension_cache_is_named(tmp_path, monkeypatch):
+    """Unset TORCH_EXTENSIONS_DIR and a default cache that cannot be created: the error names the
+    default and the variable that moves it."""
+    from amdim_kernels import _extension
+    (tmp_path / "home").write_text("not a directory")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    with pytest.raises(_extension.BuildError) as info:
+        _extension.build_and_load(_unbuildable_spec())
+    message = str(info.value)
+    assert str(tmp_path / "home") in message and "TORCH_EXTENSIONS_DIR is unset" in message, message
+    assert "set TORCH_EXTENSIONS_DIR to" in message, message
