@@ -7,7 +7,6 @@ row must have run the C++ kernel. Timing fields are checked for what they must b
 and minimum of the recorded times, ratios of the medians), not merely for being positive.
 Without matplotlib the PNGs are not expected (the plot-only tests skip).
 """
-import importlib.util
 import json
 import re
 import statistics
@@ -26,7 +25,11 @@ import plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MIB = 2 ** 20
-HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+try:
+    import matplotlib  # noqa: F401
+    HAS_MATPLOTLIB = True
+except ImportError:
+    HAS_MATPLOTLIB = False
 
 
 def is_png(path: Path) -> bool:
