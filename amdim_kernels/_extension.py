@@ -342,23 +342,49 @@ def build_and_load(spec: BuildSpec, root: str | None = None, what: str = "C++ ex
     finished build is there. Returns the path of the loaded library."""
     if root is None:
         from torch.utils.cpp_extension import _get_build_directory
-        build_dir = _get_build_directory(spec.name, verbose=False)  # honours TORCH_EXTENSIONS_DIR
+        try:
+            build_dir = _get_build_directory(spec.name, verbose=False)  # honours TORCH_EXTENSIONS_DIR
+        except OSError as err:
+            raise _unusable_extensions_dir(err) from err
     else:
         build_dir = os.path.join(root, spec.name)
     library = _library_path(build_dir, spec)
     if not is_built(build_dir, spec):
         check_compiler()
         _, ninja_dir = find_ninja()
-        with build_lock(build_dir), _path_with(ninja_dir):
-            if not is_built(build_dir, spec):  # not finished meanwhile by the process we waited for
-                _remove_stale_torch_lock(build_dir)
-                print(f"amdim_kernels: compiling the {what} (once for these sources and flags; "
-                      f"cached in {build_dir}) ...", file=sys.stderr, flush=True)
-                _compile(spec, build_dir)
-                with open(os.path.join(build_dir, _DONE), "w") as f:
-                    json.dump({"name": spec.name, **torch_abi()}, f)
+        try:
+            with build_lock(build_dir), _path_with(ninja_dir):
+                if not is_built(build_dir, spec):  # not finished meanwhile by the process we waited for
+                    _remove_stale_torch_lock(build_dir)
+                    print(f"amdim_kernels: compiling the {what} (once for these sources and flags; "
+                          f"cached in {build_dir}) ...", file=sys.stderr, flush=True)
+                    _compile(spec, build_dir)
+                    with open(os.path.join(build_dir, _DONE), "w") as f:
+                        json.dump({"name": spec.name, **torch_abi()}, f)
+        except OSError as err:   # _compile raises BuildError: what is left is the directory's
+            if root is not None:
+                raise
+            raise _unusable_extensions_dir(err) from err
     torch.ops.load_library(library)
     return library
+
+
+def _unusable_extensions_dir(err: OSError) -> BuildError:
+    """The extension cache cannot hold a build (not a directory, read-only, ...): say which
+    setting points there and what works instead, rather than a bare OSError."""
+    value = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if value is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        where = (f"torch's extension cache {get_default_build_root()} (the default, used while "
+                 f"TORCH_EXTENSIONS_DIR is unset)")
+    else:
+        where = f"TORCH_EXTENSIONS_DIR={value!r}"
+    return BuildError(
+        f"amdim_kernels: cannot build the C++ extension in {where}: {err.strerror or err} "
+        f"({err.filename or value}). It must be a writable directory: set TORCH_EXTENSIONS_DIR to "
+        f"one (for example a directory under /tmp or on a local disk); a read-only cache works once "
+        f"it holds a finished build. Or install an ahead-of-time build (AMDIM_KERNELS_BUILD_OPS=1 "
+        f"pip install --no-build-isolation .); backend=\"reference\" needs no build at all.")
 
 
 def _compile(spec: BuildSpec, build_dir: str) -> None:

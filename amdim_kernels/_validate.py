@@ -61,6 +61,14 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+JIT_TRACE_UNSUPPORTED = (
+    "the amdim_kernels losses cannot be traced with torch.jit.trace: a trace records one call's "
+    "Python decisions as constants, so it would drop the value checks (an invalid pos_idx or a NaN "
+    "input would give a finite loss) and keep this call's sizes in the DV estimator. Use "
+    "torch.compile or torch.export, which keep both (invalid values give NaN), or call the loss "
+    "outside the traced function.")
+
+
 def _in_vmap() -> bool:
     """Under torch.func.vmap a value cannot be read back (data-dependent control flow)."""
     stack = torch._C._functorch.get_interpreter_stack() or []
@@ -72,9 +80,12 @@ def resolve_strict(strict: Optional[bool], like) -> bool:
 
     strict=None: AMDIM_KERNELS_STRICT=1 makes it True; otherwise True for CPU tensors only.
     Under torch.compile and vmap it is always False: nothing can be read back there.
+    Every public loss calls this first, so that torch.jit.trace of any of them raises here.
     """
     if strict is not None and not isinstance(strict, bool):
         raise TypeError(f"strict must be True, False or None, got {strict!r}")
+    if torch.jit.is_tracing():
+        raise RuntimeError(JIT_TRACE_UNSUPPORTED)
     if _tracing():
         return False
     if strict is None:
@@ -151,9 +162,21 @@ def regulariser(mean_sq: torch.Tensor, reg_weight: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- argument checks
 
+def check_strided(x: torch.Tensor, name: str) -> None:
+    """The kernels and the reference read plain dense memory: sparse, MKLDNN and nested tensors
+    would fail deep inside them."""
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor: pass one "
+                        f"padded tensor, or one call per nested component")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: convert "
+                        f"it with .to_dense()")
+
+
 def check_tensor(x, name: str, ndim: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    check_strided(x, name)
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in FLOATS:
@@ -224,18 +247,26 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
     if not isinstance(pos_idx, torch.Tensor):
         raise TypeError(f"pos_idx must be an integer tensor of shape (N,) or None, "
                         f"got {type(pos_idx).__name__}")
+    check_strided(pos_idx, "pos_idx")
     if pos_idx.dtype.is_floating_point or pos_idx.dtype.is_complex or pos_idx.dtype == torch.bool:
-        raise TypeError(f"pos_idx must be an integer tensor (int32 or int64), got {pos_idx.dtype}")
+        raise TypeError(f"pos_idx must be an integer tensor (e.g. int64, int32 or uint8), "
+                        f"got {pos_idx.dtype}")
     if pos_idx.shape != (n,):
         raise ValueError(f"pos_idx must have shape (N,) = ({n},), got {tuple(pos_idx.shape)}")
     if pos_idx.device != src.device:
         raise ValueError(f"pos_idx must be on the same device as {s} ({src.device}), "
                          f"got {pos_idx.device}")
+    # Every integer dtype is accepted; the kernels take int64. Converted first: torch has no
+    # min/max or comparisons for uint16/32/64. uint64 values of 2**63 or more become negative.
+    as_int64 = pos_idx.long()
     if strict:
-        lo, hi = int(pos_idx.min()), int(pos_idx.max())
+        lo, hi = int(as_int64.min()), int(as_int64.max())
+        if lo < 0 and pos_idx.dtype == torch.uint64:
+            raise ValueError(f"pos_idx values must lie in [0, B) = [0, {b}), got uint64 values of "
+                             f"2**63 or more")
         if lo < 0 or hi >= b:
             raise ValueError(f"pos_idx values must lie in [0, B) = [0, {b}), got values in [{lo}, {hi}]")
-    return pos_idx.long()
+    return as_int64
 
 
 def check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip, reg_weight, *,
@@ -255,8 +286,10 @@ def check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip, reg
     if d != trg.shape[2]:
         raise ValueError(f"src_mix and trg must have the same feature size D, got src_mix "
                          f"(N={n}, k={k}, D={d}) and trg {tuple(trg.shape)}")
-    if n == 0 or d == 0:
-        raise ValueError(f"src_mix must be non-empty, got shape {tuple(src_mix.shape)}")
+    if n == 0 or d == 0 or trg.shape[0] == 0 or trg.shape[1] == 0:
+        # here, not in check_nce_inputs below, which sees src_mix[:, 0] and would print its shape
+        raise ValueError(f"src_mix and trg must be non-empty, got src_mix {tuple(src_mix.shape)} "
+                         f"and trg {tuple(trg.shape)}")
     if not _is_real(tau):
         raise TypeError(f"tau must be a float, got {tau!r}")
     if alpha is not None and not _is_real(alpha):

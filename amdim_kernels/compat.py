@@ -19,8 +19,11 @@ def g2l_loss(r_src: torch.Tensor, r_trg: torch.Tensor, mask_mat: torch.Tensor,
     code's weight 0.05. strict: as in fused_nce_loss; a mask row that is not one-hot raises
     in strict mode and gives NaN otherwise.
     """
+    strict = _validate.resolve_strict(strict, r_src)
     _validate.check_tensor(r_src, "r_src", 2, "(N, D)")
     _validate.check_tensor(r_trg, "r_trg", 2, "(D, B*L)")
+    if isinstance(mask_mat, torch.Tensor):
+        _validate.check_strided(mask_mat, "mask_mat")
     if not isinstance(mask_mat, torch.Tensor) or mask_mat.dim() != 2:
         raise ValueError(f"mask_mat must be a 2-D tensor (N, B), got "
                          f"{tuple(mask_mat.shape) if isinstance(mask_mat, torch.Tensor) else type(mask_mat).__name__}")
@@ -39,7 +42,6 @@ def g2l_loss(r_src: torch.Tensor, r_trg: torch.Tensor, mask_mat: torch.Tensor,
                          f"r_trg {tuple(r_trg.shape)}")
     if mask_mat.device != r_src.device:
         raise ValueError(f"mask_mat must be on r_src's device ({r_src.device}), got {mask_mat.device}")
-    strict = _validate.resolve_strict(strict, r_src)
     one_hot = ((mask_mat == 0) | (mask_mat == 1)).all(dim=1) & (mask_mat.sum(dim=1) == 1)
     if strict and not bool(one_hot.all()):
         bad = int((~one_hot).nonzero()[0])

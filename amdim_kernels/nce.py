@@ -2,8 +2,9 @@
 dispatch point to their backends."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,39 @@ from .reference import mixture_nce_loss_reference, nce_loss_reference
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 _FUSED_DEVICE = {"cpp": "cpu", "triton": "cuda"}   # where each fused backend runs
+
+
+class Dispatch(NamedTuple):
+    """One call of a public loss: which loss ("nce", "jsd", "dv" or "mixture") ran on which
+    backend ("cpp", "triton" or "reference")."""
+    loss: str
+    backend: str
+
+
+_recorders: list[list[Dispatch]] = []
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[list[Dispatch]]:
+    """Within the block, every fused_nce_loss / fused_mixture_nce_loss call (also through
+    compat.g2l_loss and the modules, and under torch.compile) appends the Dispatch it ran to the
+    list this yields: which backend backend="auto" really chose. Outside a block nothing is kept.
+
+        with record_dispatch() as ran:
+            loss, lgt_reg = fused_nce_loss(src, trg)
+        assert ran == [Dispatch("nce", "cpp")]
+    """
+    ran: list[Dispatch] = []
+    _recorders.append(ran)
+    try:
+        yield ran
+    finally:
+        _recorders.remove(ran)
+
+
+def _dispatched(loss: str, backend: str) -> None:
+    for ran in _recorders:
+        ran.append(Dispatch(loss, backend))
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -79,6 +113,7 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     b = trg.shape[0]
     _validate.check_estimator(estimator, b)
     backend = resolve_backend(backend, src.device)
+    _dispatched(estimator, backend)
     if backend == "reference":
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
                                   estimator=estimator, strict=strict)
@@ -126,6 +161,7 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
     pos_idx, alpha = _validate.check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q,
                                                     tclip, reg_weight, strict=strict)
     backend = resolve_backend(backend, src_mix.device)
+    _dispatched("mixture", backend)
     if backend == "reference":
         return mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=tau, alpha=alpha,
                                           detach_q=detach_q, tclip=tclip, reg_weight=reg_weight,

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from harness import (MIB, ROOT, Clock, environment, peak_extra, print_child_result, run_child,
-                     timing_fields, use_mmap_for_large_allocations, versions_line, write_results)
+from harness import (MIB, ROOT, Clock, backends_ran, environment, peak_extra, print_child_result,
+                     run_child, timing_fields, use_mmap_for_large_allocations, versions_line,
+                     write_results)
 
 sys.path.insert(0, str(ROOT))   # measure this checkout, not an installed copy
 
@@ -87,9 +88,11 @@ def run_case(case: dict) -> dict:
     def grad_bytes():
         return sum(t.grad.nbytes for t in (src, trg) if t.grad is not None)
 
-    first, times = Clock(device).run(call, prepare, case["warmup"], case["repeats"])
-    extra = peak_extra(device, forward, backward if with_backward else None, prepare, grad_bytes)
-    return dict(timing_fields(first, times), peak_extra_bytes=max(0, extra))
+    rec = {}
+    with backends_ran(rec):
+        first, times = Clock(device).run(call, prepare, case["warmup"], case["repeats"])
+        extra = peak_extra(device, forward, backward if with_backward else None, prepare, grad_bytes)
+    return dict(timing_fields(first, times), peak_extra_bytes=max(0, extra), **rec)
 
 
 def run_in_subprocess(case: dict) -> dict:

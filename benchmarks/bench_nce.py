@@ -49,8 +49,9 @@ from pathlib import Path
 
 import torch
 
-from harness import (MIB, ROOT, Clock, is_oom, environment, peak_extra, print_child_result, run_child,
-                     timing_fields, use_mmap_for_large_allocations, versions_line, write_results)
+from harness import (MIB, ROOT, Clock, backends_ran, is_oom, environment, peak_extra, print_child_result,
+                     run_child, timing_fields, use_mmap_for_large_allocations, versions_line,
+                     write_results)
 
 sys.path.insert(0, str(ROOT))   # measure the checkout this script lives in, not an installed copy
 
@@ -179,17 +180,18 @@ def measure_loss(case, cfg, clock, part):
         return sum(t.grad.nbytes for t in (src, trg) if t.grad is not None)
 
     rec = _record(case, input_bytes=src.nbytes + trg.nbytes)
-    if part in ("time", "all"):
-        first, times = clock.run(call, prepare, cfg["warmup"], cfg["repeats"])
-        rec.update(timing_fields(first, times))
-    if part in ("memory", "all"):
-        if part == "memory":   # warm-up: one-time costs (compile, thread pools, BLAS buffers)
-            for _ in range(max(cfg["warmup"], 1)):
-                prepare()
-                call()
-        rec["peak_extra_bytes"] = peak_extra(device, forward, backward if with_backward else None,
-                                             prepare, grad_bytes)
-        rec["grad_bytes"] = grad_bytes()
+    with backends_ran(rec):
+        if part in ("time", "all"):
+            first, times = clock.run(call, prepare, cfg["warmup"], cfg["repeats"])
+            rec.update(timing_fields(first, times))
+        if part in ("memory", "all"):
+            if part == "memory":   # warm-up: one-time costs (compile, thread pools, BLAS buffers)
+                for _ in range(max(cfg["warmup"], 1)):
+                    prepare()
+                    call()
+            rec["peak_extra_bytes"] = peak_extra(device, forward, backward if with_backward else None,
+                                                 prepare, grad_bytes)
+            rec["grad_bytes"] = grad_bytes()
     return [rec]
 
 

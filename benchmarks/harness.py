@@ -11,9 +11,13 @@ Peak extra memory of a call: the most memory it holds beyond what was live befor
   /proc/self/clear_refs sets VmHWM to VmRSS) after the heap is trimmed, VmRSS is the baseline and
   VmHWM the peak. Only meaningful in a process that first called use_mmap_for_large_allocations()
   (see there), which is why the scripts measure CPU memory in a child process of its own.
+
+Backends: `backends_ran` notes in a result record which backends the amdim_kernels losses timed
+in it ran, so that a "fused" row that ran the reference says so.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -172,6 +176,17 @@ def is_oom(exc: BaseException) -> bool:
         return True
     return isinstance(exc, (MemoryError, RuntimeError)) and (
         "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc))
+
+
+@contextlib.contextmanager
+def backends_ran(record: dict):
+    """Sets record["backends"] to the sorted backends ("cpp", "triton", "reference") that the
+    amdim_kernels losses called in the block ran (amdim_kernels.nce.record_dispatch); [] when the
+    block called none (the reference variants call the reference functions themselves)."""
+    from amdim_kernels.nce import record_dispatch
+    with record_dispatch() as ran:
+        yield
+    record["backends"] = sorted({d.backend for d in ran})
 
 
 # ----------------------------------------------------------------------------- child processes

@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 ROOT = harness.ROOT
+sys.path.insert(0, str(ROOT))   # the loss child measures this checkout, not an installed copy
 RESULTS = HERE / "results"
 TAG = "METHOD_EVIDENCE_LOSS "
 
@@ -103,10 +104,13 @@ def loss_child(b: int, n_loc: int, d: int, backend: str) -> dict:
 
     def step():
         forward().backward()
-    first, times = harness.Clock("cpu").run(step, prepare, warmup=1, repeats=5)
-    extra = harness.peak_extra("cpu", forward, lambda mi: mi.backward(), prepare,
-                               lambda: src.numel() * 4 + trg.numel() * 4)
-    return {"backend": backend, **harness.timing_fields(first, times), "peak_extra_mib": extra / harness.MIB}
+    ran = {}
+    with harness.backends_ran(ran):
+        first, times = harness.Clock("cpu").run(step, prepare, warmup=1, repeats=5)
+        extra = harness.peak_extra("cpu", forward, lambda mi: mi.backward(), prepare,
+                                   lambda: src.numel() * 4 + trg.numel() * 4)
+    return {"backend": backend, **ran, **harness.timing_fields(first, times),
+            "peak_extra_mib": extra / harness.MIB}
 
 
 def loss_cost(b: int, n_loc: int, d: int) -> dict:

@@ -20,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def threads():
+    """At least two intra-op threads, whatever the machine and OMP_NUM_THREADS: the CPU kernels
+    split the score columns over threads and merge per-thread statistics (csrc/nce.cpp), a merge
+    that one thread never exercises. Shapes with M = B*L > 256 (two column blocks) split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)

@@ -1,6 +1,27 @@
-"""Shared by the loss tests: input builders, running a loss with its gradients, and the two ways
-of comparing a fused result with the reference (tolerances, or error within plain torch's)."""
+"""Shared by the loss tests: input builders, running a loss with its gradients, the two ways
+of comparing a fused result with the reference (tolerances, or error within plain torch's), and
+`expect_fused`, which makes every such comparison fail when the fused kernel did not run."""
+import contextlib
+
 import torch
+
+from amdim_kernels.nce import record_dispatch
+
+# What backend="auto" must run on each device (README): stated here, not read from the package,
+# so that a wrong choice in nce.resolve_backend cannot agree with itself.
+FUSED_BACKEND = {"cpu": "cpp", "cuda": "triton"}
+
+
+@contextlib.contextmanager
+def expect_fused(device="cpu", calls=None):
+    """The block calls the public fused losses; each call must have run the fused kernel of
+    `device` (not the reference). calls: how many calls to expect (None: at least one)."""
+    with record_dispatch() as ran:
+        yield ran
+    want = FUSED_BACKEND[torch.device(device).type]
+    assert ran, "no fused loss was called"
+    assert all(d.backend == want for d in ran), f"expected the {want!r} kernel, ran {ran}"
+    assert calls is None or len(ran) == calls, f"expected {calls} calls, ran {ran}"
 
 
 def make_inputs(n, b, l, d, dtype=torch.float32, *, k=None, seed=0, scale=1.0, requires_grad=True):
@@ -34,7 +55,9 @@ def assert_error_within_torch_error(fused_fn, ref_fn, src, trg, pos_idx, **kw):
         return loss_and_grads(fn, src.detach().to(dtype).requires_grad_(),
                               trg.detach().to(dtype).requires_grad_(), pos_idx, **kw)
     truth = run(ref_fn, torch.float64)
-    for name, f, r, t in zip(("loss", "lgt_reg", "grad src", "grad trg"), run(fused_fn, torch.float32),
+    with expect_fused(src.device):
+        fused = run(fused_fn, torch.float32)
+    for name, f, r, t in zip(("loss", "lgt_reg", "grad src", "grad trg"), fused,
                              run(ref_fn, torch.float32), truth):
         err, err_torch = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
         assert err <= 2 * err_torch + 1e-5 * t.abs().max().item(), (name, err, err_torch)

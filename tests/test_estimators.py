@@ -6,13 +6,15 @@ import pytest
 import torch
 
 import amdim_kernels as ak
-from loss_checks import assert_error_within_torch_error, assert_matches, loss_and_grads, make_inputs
-from amdim_kernels.nce import estimator_loss
+from loss_checks import (assert_error_within_torch_error, assert_matches, expect_fused, loss_and_grads,
+                         make_inputs)
+from amdim_kernels.nce import Dispatch, estimator_loss, record_dispatch
+
+pytestmark = pytest.mark.usefixtures("threads")   # the C++ kernels' per-thread merges
 
 # (N, B, L, D): ragged, crossing the CPU tiles in rows (N > 128) and columns (B*L > 256).
 SHAPES = [(1, 2, 1, 3), (7, 7, 25, 13), (19, 23, 49, 37), (131, 131, 1, 5), (150, 11, 25, 70)]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
-
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -22,7 +24,8 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-
 def test_matches_reference(shape, estimator, tclip, reg_weight, dtype):
     kw = dict(tclip=tclip, reg_weight=reg_weight, estimator=estimator)
     src, trg, pos_idx = make_inputs(*shape, dtype, scale=2.0)
-    fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, **kw)
+    with expect_fused(calls=1):
+        fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, **kw)
     ref = loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, **kw)
     assert_matches(fused, ref, **TOL[dtype])
 
@@ -46,13 +49,15 @@ def test_reference_matches_the_spec_by_hand():
 def test_gradcheck(estimator, tclip):
     src, trg, pos_idx = make_inputs(6, 5, 3, 4, torch.float64)
     fn = lambda s, t: ak.fused_nce_loss(s, t, pos_idx, tclip=tclip, estimator=estimator)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (src, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
+    with expect_fused():
+        assert torch.autograd.gradcheck(fn, (src, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_jsd_without_negatives_keeps_the_positive_term():
     src, trg, _ = make_inputs(4, 1, 5, 6, torch.float64, scale=2.0)
     pos_idx = torch.zeros(4, dtype=torch.long)
-    fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, estimator="jsd")
+    with expect_fused():
+        fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, estimator="jsd")
     ref = loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, estimator="jsd")
     assert_matches(fused, ref, **TOL[torch.float64])
     s = 20.0 * torch.tanh(src.detach() @ trg.detach()[0].T / math.sqrt(6) / 20.0)
@@ -75,8 +80,13 @@ def test_unknown_estimator(fn, estimator):
 
 
 def test_nce_is_the_default_and_lgt_reg_does_not_depend_on_the_estimator():
+    """Partly a self-comparison on purpose: the default must be "nce" itself, and lgt_reg the same
+    for every estimator; the reference pins the values."""
     src, trg, pos_idx = make_inputs(9, 6, 4, 7, torch.float64, scale=2.0)
-    default = ak.fused_nce_loss(src, trg, pos_idx)
+    with record_dispatch() as ran:
+        default = ak.fused_nce_loss(src, trg, pos_idx)
+    assert ran == [Dispatch("nce", "cpp")]
+    torch.testing.assert_close(default, ak.nce_loss_reference(src, trg, pos_idx), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ak.fused_nce_loss(src, trg, pos_idx, estimator="nce"), default,
                                rtol=0, atol=0)
     for estimator in ("jsd", "dv"):
@@ -88,9 +98,11 @@ def test_nce_is_the_default_and_lgt_reg_does_not_depend_on_the_estimator():
 @pytest.mark.parametrize("estimator", ["jsd", "dv"])
 def test_reference_backend_is_the_reference(estimator):
     src, trg, pos_idx = make_inputs(5, 4, 3, 6, torch.float64, scale=2.0)
-    torch.testing.assert_close(
-        ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator, backend="reference"),
-        ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator), rtol=0, atol=0)
+    with record_dispatch() as ran:
+        out = ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator, backend="reference")
+    assert ran == [Dispatch(estimator, "reference")]
+    torch.testing.assert_close(out, ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy warns on inf/NaN in masked-out lanes

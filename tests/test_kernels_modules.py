@@ -1,20 +1,26 @@
-"""The nn.Module wrappers and the typed public API."""
+"""The nn.Module wrappers and the typed public API. A module is compared with its function on
+purpose (it must be that function, to the bit); the functions are compared with the reference
+elsewhere, and the dispatch record shows the module runs the backend it was given."""
 import os
 
 import pytest
 import torch
 
 import amdim_kernels as ak
-from loss_checks import assert_matches, loss_and_grads, make_inputs
+from amdim_kernels.nce import Dispatch, record_dispatch
+from loss_checks import assert_matches, expect_fused, loss_and_grads, make_inputs
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tclip=None, reg_weight=0.0, estimator="jsd"),
-                                dict(tclip=5.0, estimator="dv", backend="reference")])
-def test_nce_module_is_the_function(kw):
+@pytest.mark.parametrize("kw,ran", [(dict(), Dispatch("nce", "cpp")),
+                                    (dict(tclip=None, reg_weight=0.0, estimator="jsd"), Dispatch("jsd", "cpp")),
+                                    (dict(tclip=5.0, estimator="dv", backend="reference"), Dispatch("dv", "reference"))])
+def test_nce_module_is_the_function(kw, ran):
     src, trg, pos_idx = make_inputs(9, 6, 4, 7, torch.float64)
     module = ak.NCELoss(**kw)
-    assert_matches(loss_and_grads(module, src, trg, pos_idx),
-                   loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, **kw), rtol=0, atol=0)
+    with record_dispatch() as record:
+        out = loss_and_grads(module, src, trg, pos_idx)
+    assert record == [ran]
+    assert_matches(out, loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, **kw), rtol=0, atol=0)
     src_sq = src.detach()[:6].requires_grad_()
     assert_matches(loss_and_grads(module, src_sq, trg, None),      # pos_idx defaults to i
                    loss_and_grads(ak.fused_nce_loss, src_sq, trg, None, **kw), rtol=0, atol=0)
@@ -23,7 +29,9 @@ def test_nce_module_is_the_function(kw):
 def test_mixture_module_is_the_function():
     src_mix, trg, pos_idx = make_inputs(8, 5, 3, 6, torch.float64, k=3)
     kw = dict(tau=2.0, alpha=0.3, detach_q=False, tclip=10.0, reg_weight=0.1)
-    assert_matches(loss_and_grads(ak.MixtureNCELoss(**kw), src_mix, trg, pos_idx),
+    with expect_fused(calls=1):
+        out = loss_and_grads(ak.MixtureNCELoss(**kw), src_mix, trg, pos_idx)
+    assert_matches(out,
                    loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw), rtol=0, atol=0)
 
 
@@ -55,7 +63,9 @@ def test_module_in_a_model_compiles():
     src, trg, pos_idx = make_inputs(7, 6, 3, 5)
     loss_fn = ak.NCELoss(tclip=10.0)
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(src, trg, pos_idx), loss_fn(src, trg, pos_idx))
+    with expect_fused():
+        out = compiled(src, trg, pos_idx)
+    torch.testing.assert_close(out, ak.nce_loss_reference(src, trg, pos_idx, tclip=10.0))
 
 
 def test_public_api_is_typed_and_exported():

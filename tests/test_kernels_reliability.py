@@ -1,15 +1,18 @@
 """Nothing silently wrong: invalid values give a clear error (strict) or NaN (compiled, CUDA
 default), never a plausible number; no host synchronisation on the default CUDA path; a clear
 error for double backward; autocast-independent results; float32-safe option ranges."""
+import contextlib
 import math
+import os
 import re
 
 import pytest
 import torch
 
 import amdim_kernels as ak
-from amdim_kernels import _validate, compat, ops
-from loss_checks import assert_matches, loss_and_grads, make_inputs
+from amdim_kernels import _validate, compat, nce, ops
+from amdim_kernels.nce import record_dispatch
+from loss_checks import assert_matches, expect_fused, loss_and_grads, make_inputs
 
 NCE_FNS = [ak.fused_nce_loss, ak.nce_loss_reference]
 MIX_FNS = [ak.fused_mixture_nce_loss, ak.mixture_nce_loss_reference]
@@ -35,14 +38,27 @@ def compiled(fn, compiler="aot_eager", **kw):
     return torch.compile(lambda s, t, p: fn(s, t, p, **kw), fullgraph=True, backend=compiler)
 
 
+@contextlib.contextmanager
+def expect_backend(backend):
+    """backend="auto" must run the C++ kernel on the CPU; "reference" the reference."""
+    if backend == "auto":
+        with expect_fused():
+            yield
+        return
+    with record_dispatch() as ran:
+        yield
+    assert ran and all(d.backend == backend for d in ran), ran
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_compiled_nce_poisons_invalid_values(estimator, backend):
     src, trg, pos_idx = make_inputs(6, 5, 3, 4, requires_grad=False)
     f = compiled(ak.fused_nce_loss, estimator=estimator, backend=backend)
-    # valid input: what eager mode gives
-    torch.testing.assert_close(f(src, trg, pos_idx),
-                               ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator, backend=backend))
+    # valid input: the reference's loss, from the backend asked for
+    with expect_backend(backend):
+        out = f(src, trg, pos_idx)
+    torch.testing.assert_close(out, ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator))
     for bad_idx in (5, -1, 1000):
         assert_all_nan(f(src, trg, pos_idx.index_fill(0, torch.tensor([3]), bad_idx)))
     assert_all_nan(f(nan_in(src), trg, pos_idx))
@@ -54,25 +70,30 @@ def test_compiled_nce_poisons_invalid_values(estimator, backend):
 def test_compiled_mixture_poisons_invalid_values(backend):
     src_mix, trg, pos_idx = make_inputs(6, 5, 3, 4, k=3, requires_grad=False)
     f = compiled(ak.fused_mixture_nce_loss, tau=2.0, backend=backend)
-    torch.testing.assert_close(f(src_mix, trg, pos_idx),
-                               ak.fused_mixture_nce_loss(src_mix, trg, pos_idx, tau=2.0, backend=backend))
+    with expect_backend(backend):
+        out = f(src_mix, trg, pos_idx)
+    torch.testing.assert_close(out, ak.mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=2.0))
     assert_all_nan(f(src_mix, trg, pos_idx.index_fill(0, torch.tensor([0]), 5)))
     assert_all_nan(f(nan_in(src_mix), trg, pos_idx))
     assert_all_nan(f(src_mix, inf_in(trg), pos_idx))
 
 
-def test_compiled_with_inductor_poisons_and_matches_eager():
+def test_compiled_with_inductor_poisons_and_matches_the_reference():
     src, trg, pos_idx = make_inputs(7, 6, 3, 5, requires_grad=False)
     f = compiled(ak.fused_nce_loss, compiler="inductor")
-    torch.testing.assert_close(f(src, trg, pos_idx), ak.fused_nce_loss(src, trg, pos_idx))
+    with expect_fused():
+        out = f(src, trg, pos_idx)
+    torch.testing.assert_close(out, ak.nce_loss_reference(src, trg, pos_idx))
     assert_all_nan(f(src, trg, pos_idx.index_fill(0, torch.tensor([1]), 6)))
     assert_all_nan(f(src, inf_in(trg), pos_idx))
 
 
-def test_compiled_gradients_of_valid_input_match_eager():
+def test_compiled_gradients_of_valid_input_match_the_reference():
     src, trg, pos_idx = make_inputs(7, 6, 3, 5, torch.float64)
     f = compiled(ak.fused_nce_loss, tclip=5.0)
-    assert_matches(loss_and_grads(f, src, trg, pos_idx),
+    with expect_fused():
+        fused = loss_and_grads(f, src, trg, pos_idx)
+    assert_matches(fused,
                    loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, tclip=5.0),
                    rtol=1e-10, atol=1e-12)
 
@@ -81,7 +102,10 @@ def test_compiled_compat_poisons_bad_mask():
     r_src, r_trg = torch.randn(3, 4), torch.randn(4, 6)
     mask = torch.eye(3)
     f = torch.compile(compat.g2l_loss, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(f(r_src, r_trg, mask), compat.g2l_loss(r_src, r_trg, mask))
+    with expect_fused():
+        out = f(r_src, r_trg, mask)
+    # column b*L + l of r_trg is trg[b, l]; row i's positives are sample i
+    torch.testing.assert_close(out, ak.nce_loss_reference(r_src, r_trg.t().reshape(3, 2, 4)))
     mask[1, 2] = 1.0
     assert_all_nan(f(r_src, r_trg, mask))
 
@@ -95,7 +119,11 @@ def test_non_strict_gives_nan_strict_raises(fn):
     assert_all_nan(fn(src, trg, bad_idx, strict=False))
     assert_all_nan(fn(nan_in(src), trg, pos_idx, strict=False))
     assert_all_nan(fn(src * 1e20, trg * 1e20, pos_idx, strict=False))
-    torch.testing.assert_close(fn(src, trg, pos_idx, strict=False), fn(src, trg, pos_idx, strict=True))
+    # valid input: both modes give the reference's value (for fn the reference itself, that the
+    # mode changes nothing is the point)
+    want = ak.nce_loss_reference(src, trg, pos_idx)
+    for strict in (False, True):
+        torch.testing.assert_close(fn(src, trg, pos_idx, strict=strict), want)
     with pytest.raises(ValueError, match=r"pos_idx values must lie in \[0, B\) = \[0, 5\)"):
         fn(src, trg, bad_idx, strict=True)
     with pytest.raises(ValueError, match="src contains NaN"):
@@ -114,7 +142,9 @@ def test_mixture_non_strict_gives_nan(fn):
 def test_non_strict_gradients_of_valid_input_match():
     src, trg, pos_idx = make_inputs(7, 6, 3, 5, torch.float64)
     kw = dict(tclip=5.0, estimator="jsd")
-    assert_matches(loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, strict=False, **kw),
+    with expect_fused():
+        fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, strict=False, **kw)
+    assert_matches(fused,
                    loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, strict=False, **kw),
                    rtol=1e-10, atol=1e-12)
 
@@ -235,7 +265,8 @@ def test_cuda_autocast_does_not_change_the_reference():
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_double_backward_raises(estimator):
     src, trg, pos_idx = make_inputs(6, 5, 3, 4, torch.float64)
-    loss, reg = ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator)
+    with expect_fused():
+        loss, reg = ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator)
     (g_src,) = torch.autograd.grad(loss + reg, src, create_graph=True)   # first order still works
     (r_src,) = torch.autograd.grad(sum(ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator)), src)
     torch.testing.assert_close(g_src.detach(), r_src)
@@ -302,7 +333,8 @@ def test_torch_func_grad_and_vjp(estimator):
     def objective(fn):
         return lambda s, t: sum(fn(s, t, pos_idx, estimator=estimator))
 
-    got = torch.func.grad(objective(ak.fused_nce_loss), argnums=(0, 1))(src, trg)
+    with expect_fused():
+        got = torch.func.grad(objective(ak.fused_nce_loss), argnums=(0, 1))(src, trg)
     want = torch.func.grad(objective(ak.nce_loss_reference), argnums=(0, 1))(src, trg)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     value, vjp_fn = torch.func.vjp(objective(ak.fused_nce_loss), src, trg)
@@ -316,7 +348,8 @@ def test_forward_mode_raises_a_clear_error(fn, k):
     with pytest.raises(RuntimeError, match="no forward-mode derivative.*backend='reference'"):
         torch.func.jvp(lambda s: fn(s, trg, pos_idx)[0], (src,), (torch.ones_like(src),))
     # reverse mode over the same function: jacrev of the (loss, lgt_reg) pair
-    jac = torch.func.jacrev(lambda s: torch.stack(fn(s, trg, pos_idx)))(src)
+    with expect_fused():
+        jac = torch.func.jacrev(lambda s: torch.stack(fn(s, trg, pos_idx)))(src)
     ref = ak.nce_loss_reference if k is None else ak.mixture_nce_loss_reference
     torch.testing.assert_close(jac, torch.func.jacrev(lambda s: torch.stack(ref(s, trg, pos_idx)))(src),
                                rtol=1e-10, atol=1e-12)
@@ -330,10 +363,11 @@ def test_torch_func_vmap_and_per_sample_grad():
     def loss(fn):
         return lambda s: fn(s, trg, pos_idx)[0]
 
-    torch.testing.assert_close(torch.vmap(loss(ak.fused_nce_loss))(srcs),
-                               torch.stack([ak.nce_loss_reference(s, trg, pos_idx)[0] for s in srcs]))
-    torch.testing.assert_close(torch.vmap(torch.func.grad(loss(ak.fused_nce_loss)))(srcs),
-                               torch.vmap(torch.func.grad(loss(ak.nce_loss_reference)))(srcs))
+    with expect_fused(calls=2):
+        values = torch.vmap(loss(ak.fused_nce_loss))(srcs)
+        grads = torch.vmap(torch.func.grad(loss(ak.fused_nce_loss)))(srcs)
+    torch.testing.assert_close(values, torch.stack([ak.nce_loss_reference(s, trg, pos_idx)[0] for s in srcs]))
+    torch.testing.assert_close(grads, torch.vmap(torch.func.grad(loss(ak.nce_loss_reference)))(srcs))
     # under vmap nothing is read back: an invalid problem gives NaN, the others their loss
     bad = srcs.clone()
     bad[1, 0, 0] = math.nan
@@ -347,8 +381,9 @@ def test_torch_func_grad_mixture():
     def objective(fn):
         return lambda s, t: sum(fn(s, t, pos_idx, tau=2.0, alpha=0.3, detach_q=False))
 
-    torch.testing.assert_close(torch.func.grad(objective(ak.fused_mixture_nce_loss), argnums=(0, 1))(src_mix, trg),
-                               torch.func.grad(objective(ak.mixture_nce_loss_reference), argnums=(0, 1))(src_mix, trg),
+    with expect_fused():
+        got = torch.func.grad(objective(ak.fused_mixture_nce_loss), argnums=(0, 1))(src_mix, trg)
+    torch.testing.assert_close(got, torch.func.grad(objective(ak.mixture_nce_loss_reference), argnums=(0, 1))(src_mix, trg),
                                rtol=1e-10, atol=1e-12)
 
 
@@ -356,6 +391,9 @@ def test_torch_func_grad_mixture():
 
 @pytest.mark.parametrize("fn", NCE_FNS, ids=lambda f: f.__name__)
 def test_cpu_autocast_does_not_change_the_result(fn):
+    """With and without autocast: the same function on purpose (the property is invariance).
+    On the CPU only the reference has an autocast-eligible op (its product); the fused path has
+    none, which is why test_fused_ops_run_with_autocast_disabled checks its guard directly."""
     src, trg, pos_idx = make_inputs(9, 7, 5, 16)
     want = loss_and_grads(fn, src, trg, pos_idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -368,12 +406,36 @@ def test_cpu_autocast_does_not_change_the_result(fn):
 
 @pytest.mark.parametrize("fn", MIX_FNS, ids=lambda f: f.__name__)
 def test_cpu_autocast_does_not_change_the_mixture(fn):
+    """As above, for the mixture loss."""
     src_mix, trg, pos_idx = make_inputs(9, 7, 5, 16, k=3)
     want = loss_and_grads(fn, src_mix, trg, pos_idx, tau=2.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fn(src_mix, trg, pos_idx, tau=2.0)
     got = out + torch.autograd.grad(0.7 * out[0] + 1.3 * out[1], (src_mix, trg))
     assert_matches(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry", ["nce", "mixture"])
+def test_fused_ops_run_with_autocast_disabled(entry, monkeypatch):
+    """The guard of both fused entry points: their ops and epilogue see autocast off. No op of the
+    fused CPU path is autocast-eligible, so values cannot show a missing guard here; the ops'
+    view of the autocast state does (on CUDA, autocast would recast the epilogue's float ops)."""
+    seen = []
+
+    def spy(real, what):
+        def wrapper(*args, **kw):
+            seen.append((what, torch.is_autocast_enabled("cpu")))
+            return real(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(nce, "nce_statistics", spy(nce.nce_statistics, "statistics"))
+    monkeypatch.setattr(_validate, "regulariser", spy(_validate.regulariser, "regulariser"))
+    k = None if entry == "nce" else 3
+    src, trg, pos_idx = make_inputs(9, 7, 5, 16, k=k)
+    fn = ak.fused_nce_loss if entry == "nce" else ak.fused_mixture_nce_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16), expect_fused(calls=1):
+        fn(src, trg, pos_idx)
+    assert seen == [("statistics", False), ("regulariser", False)], seen
 
 
 # ------------------------------------------------------------------------ float32-safe options
@@ -400,11 +462,13 @@ def test_mixture_options_outside_float32_are_rejected(fn, kw, name):
 def test_extreme_accepted_options_are_finite_and_agree():
     src, trg, pos_idx = make_inputs(8, 6, 4, 5, scale=2.0)
     lo, hi = _validate.TCLIP_RANGE
-    # the largest tclip clips nothing: the unclipped loss
+    # the largest tclip clips nothing: the unclipped loss (fused against fused on purpose; the
+    # loop below pins both ends to the reference)
     assert_matches(loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, tclip=hi),
                    loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, tclip=None), rtol=1e-5, atol=1e-6)
     for tclip in (lo, hi):
-        fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, tclip=tclip)
+        with expect_fused():
+            fused = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, tclip=tclip)
         assert all(torch.isfinite(x).all() for x in fused)
         assert_matches(fused, loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, tclip=tclip),
                        rtol=2e-5, atol=2e-6)
@@ -412,7 +476,8 @@ def test_extreme_accepted_options_are_finite_and_agree():
     for tau, alpha in ((_validate.TAU_RANGE[0], None), (_validate.TAU_RANGE[1], None),
                        (_validate.TAU_RANGE[1], _validate.ALPHA_MAX)):
         kw = dict(tau=tau, alpha=alpha, detach_q=False)
-        fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
+        with expect_fused():
+            fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
         assert all(torch.isfinite(x).all() for x in fused), kw
         assert_matches(fused, loss_and_grads(ak.mixture_nce_loss_reference, src_mix, trg, pos_idx, **kw),
                        rtol=1e-4, atol=1e-5)
@@ -464,6 +529,8 @@ def test_errors_name_the_callers_arguments(desc, call, name):
 
 
 def test_compat_accepts_bool_masks():
+    """The mask's dtype must not change the result: a self-comparison on purpose (test_compat.py
+    compares g2l_loss with the public code)."""
     r_src, r_trg = torch.randn(5, 4, requires_grad=True), torch.randn(4, 12, requires_grad=True)
     mask = torch.zeros(5, 3)
     mask[torch.arange(5), torch.tensor([0, 2, 1, 1, 0])] = 1
@@ -475,3 +542,130 @@ def test_compat_accepts_bool_masks():
     with pytest.raises(ValueError, match="row 3"):
         compat.g2l_loss(r_src, r_trg, bad)
     assert_all_nan(compat.g2l_loss(r_src, r_trg, bad, strict=False))
+
+
+# ------------------------------------------------------------------------------- torch.jit.trace
+
+def trace_cases():
+    """(name, loss(strict) -> the function to trace, its arguments)."""
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, requires_grad=False)
+    mix = make_inputs(6, 5, 3, 4, k=2, requires_grad=False)[0]
+    r_trg, mask = trg.reshape(15, 4).t().contiguous(), torch.nn.functional.one_hot(pos_idx, 5)
+
+    def bind(fn, **kw):
+        return lambda strict: (lambda *a: fn(*a, strict=strict, **kw))
+
+    return [("fused_nce_loss", bind(ak.fused_nce_loss), (src, trg, pos_idx)),
+            ("fused_nce_loss dv", bind(ak.fused_nce_loss, estimator="dv"), (src, trg, pos_idx)),
+            ("nce_loss_reference", bind(ak.nce_loss_reference), (src, trg, pos_idx)),
+            ("fused_mixture_nce_loss", bind(ak.fused_mixture_nce_loss), (mix, trg, pos_idx)),
+            ("mixture_nce_loss_reference", bind(ak.mixture_nce_loss_reference), (mix, trg, pos_idx)),
+            ("NCELoss", lambda strict: ak.NCELoss(strict=strict), (src, trg, pos_idx)),
+            ("g2l_loss", bind(compat.g2l_loss), (src, r_trg, mask))]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("name,loss,args", trace_cases(), ids=[c[0] for c in trace_cases()])
+def test_jit_trace_is_refused_and_eager_calls_stay_checked(name, loss, args):
+    """A trace would keep the strict checks' outcome as constants: an invalid pos_idx would then
+    give a finite loss (and DV would keep the traced sizes). Refused with an error saying what
+    works, in either strict mode; the eager calls around it keep their checks."""
+    want = loss(None)(*args)
+    for strict in (None, False):
+        with pytest.raises(RuntimeError, match=r"cannot be traced with torch\.jit\.trace.*torch\.compile or torch\.export"):
+            torch.jit.trace(loss(strict), args, check_trace=False)
+    torch.testing.assert_close(loss(None)(*args), want, rtol=0, atol=0)
+    bad_args = list(args)
+    if name == "g2l_loss":
+        bad_args[2] = args[2].clone().index_fill(1, torch.tensor([0]), 1)   # two 1s in some rows
+        error = "mask_mat rows must be one-hot"
+    else:
+        bad_args[2] = args[2].index_fill(0, torch.tensor([1]), 5)
+        error = "pos_idx values must lie in"
+    with pytest.raises(ValueError, match=error):
+        loss(None)(*bad_args)
+    assert_all_nan(loss(False)(*bad_args))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_jit_trace_of_a_model_holding_the_loss_is_refused():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.loss = torch.nn.Linear(4, 4), ak.NCELoss()
+
+        def forward(self, src, trg):
+            return self.loss(self.proj(src), trg)[0]
+
+    src, trg, _ = make_inputs(5, 5, 3, 4, requires_grad=False)
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(Model(), (src, trg))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_torch_export_keeps_the_checks(estimator):
+    """What the trace error recommends: an exported program poisons invalid values, and on other
+    sizes gives their loss, or refuses them where export specialised on the sizes (DV's log of
+    the count of negative pairs): never the example's count applied to other sizes."""
+    class Loss(torch.nn.Module):
+        def forward(self, src, trg, pos_idx):
+            return ak.fused_nce_loss(src, trg, pos_idx, estimator=estimator)
+
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, requires_grad=False)
+    dims = dict(src=(torch.export.Dim("n"), None), trg=(torch.export.Dim("b"), None, None),
+                pos_idx=(torch.export.Dim("n"),))
+    with expect_fused():
+        program = torch.export.export(Loss(), (src, trg, pos_idx), dynamic_shapes=dims).module()
+    torch.testing.assert_close(program(src, trg, pos_idx),
+                               ak.nce_loss_reference(src, trg, pos_idx, estimator=estimator))
+    assert_all_nan(program(src, trg, pos_idx.index_fill(0, torch.tensor([1]), 5)))
+    other = make_inputs(9, 7, 3, 4, seed=1, requires_grad=False)
+    if estimator == "dv":
+        with pytest.raises(AssertionError, match="Guard failed"):
+            program(*other)
+    else:
+        torch.testing.assert_close(program(*other), ak.nce_loss_reference(*other, estimator=estimator))
+
+
+# ------------------------------------------------------------------------ TORCH_EXTENSIONS_DIR
+
+def _unbuildable_spec():
+    """A spec no cache holds, so build_and_load must create its directory (it fails before any
+    compiler runs)."""
+    from amdim_kernels import _extension
+    return _extension.make_spec("amdim_kernels_cache_probe", [], "no sources", cflags=[],
+                                ldflags=[], cuda_cflags=[], with_cuda=False)
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "read-only"])
+def test_unusable_torch_extensions_dir_is_named(tmp_path, monkeypatch, kind):
+    from amdim_kernels import _extension
+    if kind == "read-only":
+        path = tmp_path / "ro"
+        path.mkdir()
+        path.chmod(0o555)
+        if os.access(path, os.W_OK):
+            pytest.skip("this user (root) can write to a read-only directory")
+    else:
+        (tmp_path / "f").write_text("not a directory")
+        path = tmp_path / "f" if kind == "a file" else tmp_path / "f" / "sub"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(path))
+    with pytest.raises(_extension.BuildError) as info:
+        _extension.build_and_load(_unbuildable_spec())
+    message = str(info.value)
+    assert f"TORCH_EXTENSIONS_DIR={str(path)!r}" in message, message
+    assert "writable directory" in message and "AMDIM_KERNELS_BUILD_OPS=1" in message, message
+
+
+def test_unusable_default_extension_cache_is_named(tmp_path, monkeypatch):
+    """Unset TORCH_EXTENSIONS_DIR and a default cache that cannot be created: the error names the
+    default and the variable that moves it."""
+    from amdim_kernels import _extension
+    (tmp_path / "home").write_text("not a directory")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    with pytest.raises(_extension.BuildError) as info:
+        _extension.build_and_load(_unbuildable_spec())
+    message = str(info.value)
+    assert str(tmp_path / "home") in message and "TORCH_EXTENSIONS_DIR is unset" in message, message
+    assert "set TORCH_EXTENSIONS_DIR to" in message, message

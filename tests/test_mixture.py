@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import amdim_kernels as ak
-from loss_checks import assert_error_within_torch_error, assert_matches, loss_and_grads, make_inputs
+from amdim_kernels.nce import Dispatch, record_dispatch
+from loss_checks import (assert_error_within_torch_error, assert_matches, expect_fused, loss_and_grads,
+                         make_inputs)
+
+pytestmark = pytest.mark.usefixtures("threads")   # the C++ kernels' per-thread merges
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton kernels run
 
@@ -22,7 +26,6 @@ OPTIONS = [(1.0, None, True, 20.0), (0.5, 0.3, False, 20.0), (2.0, 0.0, True, No
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 
 
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("options,dtype", [(o, torch.float64) for o in OPTIONS] +
@@ -32,7 +35,8 @@ def test_matches_reference(shape, k, options, dtype):
     n, b, l, d = shape
     src_mix, trg, pos_idx = make_inputs(n, b, l, d, dtype, k=k, scale=2.0)
     kw = dict(tau=tau, alpha=alpha, detach_q=detach_q, tclip=tclip)
-    fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
+    with expect_fused(calls=1):
+        fused = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
     ref = loss_and_grads(ak.mixture_nce_loss_reference, src_mix, trg, pos_idx, **kw)
     assert_matches(fused, ref, **TOL[dtype])
 
@@ -61,22 +65,33 @@ def test_reference_matches_a_loop_over_the_spec():
 
 @pytest.mark.parametrize("detach_q", [True, False])
 def test_k1_is_the_nce_loss(detach_q):
+    """One component: q = 1 and H(q) = 0, so the mixture loss is the NCE loss of spec section 1,
+    here the reference's (the fused NCE loss is compared too: the two fused paths share the
+    statistics pass but not the epilogue)."""
     # tclip = 5 keeps Z - P below 20, where F.softplus (used by fused_nce_loss) is exact.
     src_mix, trg, pos_idx = make_inputs(9, 6, 7, 11, torch.float64, k=1, scale=2.0)
-    mix = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, tau=3.0, alpha=0.2,
-                         detach_q=detach_q, tclip=5.0)
-    src = src_mix.detach()[:, 0].requires_grad_()
-    nce = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, tclip=5.0)
-    assert_matches(mix, nce[:2] + (nce[2][:, None], nce[3]), rtol=1e-12, atol=1e-14)
+    with expect_fused(calls=2):
+        mix = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, tau=3.0, alpha=0.2,
+                             detach_q=detach_q, tclip=5.0)
+        src = src_mix.detach()[:, 0].requires_grad_()
+        fused_nce = loss_and_grads(ak.fused_nce_loss, src, trg, pos_idx, tclip=5.0)
+    ref = loss_and_grads(ak.nce_loss_reference, src, trg, pos_idx, tclip=5.0)
+    for nce in (ref, fused_nce):
+        assert_matches(mix, nce[:2] + (nce[2][:, None], nce[3]), rtol=1e-12, atol=1e-14)
 
 
 def test_detach_q_is_exact_only_at_the_optimal_alpha():
+    """How detach_q relates the fused results to each other (a self-comparison on purpose: that
+    is the property), each of them also pinned to the reference."""
     src_mix, trg, pos_idx = make_inputs(8, 8, 5, 6, torch.float64, k=3, scale=2.0)
     grads = {}
     for alpha in (None, 0.1):            # tau = 2: alpha None = 0.5 is optimal
         for detach_q in (True, False):
-            out = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, tau=2.0,
-                                 alpha=alpha, detach_q=detach_q)
+            kw = dict(tau=2.0, alpha=alpha, detach_q=detach_q)
+            with expect_fused(calls=1):
+                out = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, **kw)
+            assert_matches(out, loss_and_grads(ak.mixture_nce_loss_reference, src_mix, trg, pos_idx, **kw),
+                           **TOL[torch.float64])
             grads[alpha, detach_q] = out
     for alpha in (None, 0.1):            # detach_q never changes the values
         torch.testing.assert_close(grads[alpha, True][:2], grads[alpha, False][:2], rtol=0, atol=0)
@@ -89,8 +104,9 @@ def test_single_sample_gives_uniform_q_and_zero_gradient(detach_q):
     # B == 1: no negatives, every nce_j = 0, q uniform, loss = -alpha * log k, no gradient.
     src_mix, trg, _ = make_inputs(5, 1, 3, 6, torch.float32, k=4, scale=2.0)
     pos_idx = torch.zeros(5, dtype=torch.long)
-    loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
-                                             tau=2.0, detach_q=detach_q, w_reg=0.0)
+    with expect_fused():
+        loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
+                                                 tau=2.0, detach_q=detach_q, w_reg=0.0)
     assert loss.item() == pytest.approx(-0.5 * math.log(4), rel=1e-6)
     assert torch.count_nonzero(g_src) == 0 and torch.count_nonzero(g_trg) == 0
     assert reg.item() > 0
@@ -99,8 +115,9 @@ def test_single_sample_gives_uniform_q_and_zero_gradient(detach_q):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_fp32(dtype):
     src_mix, trg, pos_idx = make_inputs(12, 10, 9, 16, dtype, k=3)
-    loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
-                                             detach_q=False, alpha=0.2)
+    with expect_fused():
+        loss, reg, g_src, g_trg = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx,
+                                                 detach_q=False, alpha=0.2)
     assert loss.dtype == reg.dtype == torch.float32 and g_src.dtype == g_trg.dtype == dtype
     # ground truth: the same (rounded) inputs in float64
     ref = loss_and_grads(ak.mixture_nce_loss_reference, src_mix.detach().double().requires_grad_(),
@@ -116,7 +133,8 @@ def test_gradcheck_fused(detach_q, alpha):
     src_mix, trg, pos_idx = make_inputs(5, 4, 3, 4, torch.float64, k=3)
     fn = lambda s, t: ak.fused_mixture_nce_loss(s, t, pos_idx, tau=1.5, alpha=alpha,  # noqa: E731
                                                 detach_q=detach_q, tclip=4.0)
-    assert torch.autograd.gradcheck(fn, (src_mix, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
+    with expect_fused():
+        assert torch.autograd.gradcheck(fn, (src_mix, trg), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def epilogue_inputs(n, k, l, dtype=torch.float32, seed=0):
@@ -143,19 +161,34 @@ def test_opcheck(dtype, detach_q):
 @pytest.mark.parametrize("n,k,l", [(3, 1, 5), (4, 3, 70), (5, 4, 49)])
 @pytest.mark.parametrize("tau,alpha,detach_q", [(1.0, 1.0, True), (2.5, 0.2, False), (0.5, 0.0, False)])
 def test_triton_epilogue_matches_cpp(n, k, l, tau, alpha, detach_q):
-    """On the GPU where there is one, else under TRITON_INTERPRET=1 (tests/conftest.py), against
-    the C++ kernels on the CPU; L = 70 takes two BLOCK_L chunks."""
+    """On the GPU where there is one, else under TRITON_INTERPRET=1 (tests/conftest.py), and the
+    C++ kernels on the CPU, each against the epilogue written from spec section 3 in float64;
+    L = 70 takes two BLOCK_L chunks."""
     from amdim_kernels import mixture
     from amdim_kernels.triton_mixture import mixture_bwd_triton, mixture_fwd_triton
     pos, neg_stat = epilogue_inputs(n, k, l)
     grad = torch.tensor(0.7)
-    want = (mixture.mixture_fwd(pos, neg_stat, tau, alpha, detach_q),
-            *mixture.mixture_bwd(grad, pos, neg_stat, tau, alpha, detach_q))
+    want = epilogue_reference(grad, pos, neg_stat, tau, alpha, detach_q)
+    cpp = (mixture.mixture_fwd(pos, neg_stat, tau, alpha, detach_q),
+           *mixture.mixture_bwd(grad, pos, neg_stat, tau, alpha, detach_q))
     pos, neg_stat, grad = pos.to(DEVICE), neg_stat.to(DEVICE), grad.to(DEVICE)
-    got = (mixture_fwd_triton(pos, neg_stat, tau, alpha, detach_q),
-           *mixture_bwd_triton(grad, pos, neg_stat, tau, alpha, detach_q))
-    for name, x, y in zip(("loss", "grad pos", "grad neg_stat"), got, want):
-        torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+    triton = (mixture_fwd_triton(pos, neg_stat, tau, alpha, detach_q),
+              *mixture_bwd_triton(grad, pos, neg_stat, tau, alpha, detach_q))
+    for got in (cpp, triton):
+        for name, x, y in zip(("loss", "grad pos", "grad neg_stat"), got, want):
+            torch.testing.assert_close(x.cpu().double(), y, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def epilogue_reference(grad_loss, pos, neg_stat, tau, alpha, detach_q):
+    """(loss, d pos, d neg_stat) of the mixture epilogue, spec section 3 in float64 autograd:
+    nce_j = P - log(e^P + e^Z_j), q = softmax_j(tau * nce_j), loss = -mean(sum_j q_j nce_j + alpha H(q))."""
+    pos, neg_stat = pos.double().requires_grad_(), neg_stat.double().requires_grad_()
+    nce = pos - torch.logaddexp(pos, neg_stat[:, :, None])               # (N, k, L)
+    logits = tau * (nce.detach() if detach_q else nce)
+    q, log_q = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    loss = -((q * nce).sum(dim=1) - alpha * (q * log_q).sum(dim=1)).mean()
+    return (loss.detach(), *torch.autograd.grad(loss * grad_loss.double(), (pos, neg_stat)))
 
 
 COMPILE_SM90 = textwrap.dedent("""
@@ -193,8 +226,10 @@ def test_triton_epilogue_compiles_for_sm90():
 def test_backends():
     src_mix, trg, pos_idx = make_inputs(6, 5, 4, 7, torch.float64, k=2, scale=2.0)
     ref = ak.mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=1.5)
-    for backend in ("auto", "cpp", "reference"):
-        out = ak.fused_mixture_nce_loss(src_mix, trg, pos_idx, tau=1.5, backend=backend)
+    for backend, ran in (("auto", "cpp"), ("cpp", "cpp"), ("reference", "reference")):
+        with record_dispatch() as record:
+            out = ak.fused_mixture_nce_loss(src_mix, trg, pos_idx, tau=1.5, backend=backend)
+        assert record == [Dispatch("mixture", ran)], (backend, record)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
 
 
@@ -202,13 +237,16 @@ def test_memory_is_not_nk_by_m():
     """Fused forward + backward allocates nothing of size N*k x M (peak RSS growth in a subprocess)."""
     code = r"""
 import resource, torch, amdim_kernels as ak
+from amdim_kernels.nce import Dispatch, record_dispatch
 torch.manual_seed(0)
 n = b = 256; k = 4; l = 49; d = 32                # N*k x M fp32 = 49 MiB
 src = torch.randn(n, k, d, requires_grad=True); trg = torch.randn(b, l, d, requires_grad=True)
 src.grad = torch.zeros_like(src); trg.grad = torch.zeros_like(trg)
 loss, reg = ak.fused_mixture_nce_loss(src[:8], trg[:8]); (loss + reg).backward()   # warm-up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-loss, reg = ak.fused_mixture_nce_loss(src, trg, detach_q=False); (loss + reg).backward()
+with record_dispatch() as ran:
+    loss, reg = ak.fused_mixture_nce_loss(src, trg, detach_q=False); (loss + reg).backward()
+assert ran == [Dispatch("mixture", "cpp")], ran
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -242,6 +280,10 @@ BAD = [
     ("N != B without pos_idx", lambda: dict(src_mix=torch.randn(5, 2, 5), trg=ok()[1]), ValueError, ["pos_idx"]),
     ("tclip <= 0", lambda: dict(src_mix=ok()[0], trg=ok()[1], tclip=-2.0), ValueError, ["tclip"]),
     ("NaN in src_mix", lambda: dict(src_mix=ok()[0].index_fill(0, torch.tensor([1]), math.nan), trg=ok()[1]), ValueError, ["src_mix", "NaN"]),
+    # the shapes the caller passed, not those of the (N, D) slice checked like an NCE source
+    ("B = 0", lambda: dict(src_mix=ok()[0], trg=torch.randn(0, 3, 5)), ValueError, ["non-empty", "src_mix (4, 2, 5)", "trg (0, 3, 5)"]),
+    ("L = 0", lambda: dict(src_mix=ok()[0], trg=torch.randn(4, 0, 5)), ValueError, ["non-empty", "src_mix (4, 2, 5)", "trg (4, 0, 5)"]),
+    ("N = 0", lambda: dict(src_mix=torch.randn(0, 2, 5), trg=ok()[1]), ValueError, ["non-empty", "src_mix (0, 2, 5)", "trg (4, 3, 5)"]),
 ]
 
 
@@ -292,7 +334,8 @@ def test_torch_compile_fullgraph():
         loss, reg = ak.fused_mixture_nce_loss(s, t, p, tau=2.0, detach_q=False)
         return loss + reg
 
-    out = objective(src_mix, trg, pos_idx)
+    with expect_fused():
+        out = objective(src_mix, trg, pos_idx)
     grads = torch.autograd.grad(out, (src_mix, trg))
     ref_loss, ref_reg = ak.mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=2.0, detach_q=False)
     ref_grads = torch.autograd.grad(ref_loss + ref_reg, (src_mix, trg))
@@ -313,5 +356,7 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert [(r["variant"], r["mode"], r["status"]) for r in result["records"]] == [
         ("reference", "fwd", "ok"), ("fused", "fwd", "ok"), ("reference", "fwd+bwd", "ok"),
         ("fused", "fwd+bwd", "ok")]
+    # the fused rows ran the C++ kernels (the reference rows call the reference directly)
+    assert [r["backends"] for r in result["records"]] == [[], ["cpp"], [], ["cpp"]]
     assert [s["mode"] for s in result["summary"]] == ["fwd", "fwd+bwd"]
     assert "| mixture | fwd+bwd | fused |" in out.with_suffix(".md").read_text()

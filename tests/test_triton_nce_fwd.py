@@ -64,6 +64,7 @@ SMALL_CASES = [
     (33, 5, 25, 70, 10.0, "logsumexp", torch.float32),
     (33, 5, 25, 70, None, "softplus_sum", torch.float32),
     (33, 5, 1, 40, 100.0, "logsumexp", torch.float32),
+    (33, 5, 3, 40, 20.0, "logsumexp", torch.float32),   # one split (M = 15): its fixed-shift finalize
     (7, 1, 25, 70, None, "softplus_sum", torch.float32),
     (7, 5, 25, 40, 20.0, "softplus_sum", torch.float16),
     (33, 2, 25, 5, 20.0, "logsumexp", torch.float16),

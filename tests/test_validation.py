@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import amdim_kernels as ak
-from loss_checks import make_inputs
+from amdim_kernels import compat
+from loss_checks import expect_fused, make_inputs
 
 ENTRY_POINTS = [ak.fused_nce_loss, ak.nce_loss_reference]
 
@@ -68,3 +69,105 @@ def test_triton_backend_needs_cuda_tensors():
     src, trg = ok()
     with pytest.raises(ValueError, match="triton.*cuda"):
         ak.fused_nce_loss(src, trg, backend="triton")
+
+
+# ------------------------------------------------------------------------------ pos_idx dtypes
+
+INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+              torch.uint32, torch.uint64]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+def test_every_integer_dtype_of_pos_idx_is_accepted(dtype, strict):
+    """The same loss as with int64 (the values fit every dtype); the fused path runs the kernel."""
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, torch.float64, requires_grad=False)
+    mix = make_inputs(6, 5, 3, 4, torch.float64, k=2, requires_grad=False)[0]
+    for fn, x in ((ak.fused_nce_loss, src), (ak.nce_loss_reference, src),
+                  (ak.fused_mixture_nce_loss, mix), (ak.mixture_nce_loss_reference, mix)):
+        want = fn(x, trg, pos_idx, strict=strict)
+        torch.testing.assert_close(fn(x, trg, pos_idx.to(dtype), strict=strict), want, rtol=0, atol=0)
+    with expect_fused(calls=1):
+        ak.fused_nce_loss(src, trg, pos_idx.to(dtype), strict=strict)
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_unsigned_pos_idx_out_of_range(fn, dtype):
+    src, trg = ok()
+    bad = torch.tensor([0, 1, 2, 200], dtype=dtype)            # B = 4
+    with pytest.raises(ValueError, match=r"pos_idx values must lie in \[0, B\) = \[0, 4\), got values in \[0, 200\]"):
+        fn(src, trg, bad)
+    assert all(torch.isnan(x) for x in fn(src, trg, bad, strict=False))
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS, ids=lambda f: f.__name__)
+def test_uint64_pos_idx_beyond_int64(fn):
+    src, trg = ok()
+    huge = torch.tensor([0, 1, 2, 2 ** 64 - 1], dtype=torch.uint64)   # -1 once read as int64
+    with pytest.raises(ValueError, match=r"pos_idx values must lie in \[0, B\) = \[0, 4\), got uint64 values of 2\*\*63"):
+        fn(src, trg, huge)
+    assert all(torch.isnan(x) for x in fn(src, trg, huge, strict=False))
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS + [ak.fused_mixture_nce_loss], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16, torch.complex64], ids=str)
+def test_non_integer_pos_idx_is_refused(fn, dtype):
+    src, trg = ok()
+    if fn is ak.fused_mixture_nce_loss:
+        src = src[:, None]
+    with pytest.raises(TypeError, match=rf"pos_idx must be an integer tensor .*got {dtype}"):
+        fn(src, trg, torch.tensor([0, 1, 0, 1]).to(dtype))
+
+
+# ----------------------------------------------------------------- layouts other than strided
+
+def nested(x):
+    return torch.nested.as_nested_tensor(list(x.unbind(0)), layout=torch.jagged)
+
+
+def nested_strided(x):
+    return torch.nested.nested_tensor(list(x.unbind(0)))
+
+
+# how to turn a dense tensor of each rank into each other layout
+LAYOUTS = {"sparse_coo": (lambda x: x.to_sparse(), (1, 2, 3)),
+           "sparse_csr": (lambda x: x.to_sparse_csr(), (2, 3)),
+           "mkldnn": (lambda x: x.to_mkldnn(), (2, 3)),                # floating tensors only
+           "nested_jagged": (nested, (2, 3)),
+           "nested_strided": (nested_strided, (2, 3))}
+
+
+def layout_calls():
+    """(entry point, argument, call(args), args): every tensor argument of every public entry."""
+    src, trg, pos_idx = make_inputs(4, 4, 3, 5, requires_grad=False)
+    mix = make_inputs(4, 4, 3, 5, k=2, requires_grad=False)[0]
+    r_trg, mask = trg.reshape(12, 5).t().contiguous(), torch.eye(4)
+    nce = dict(src=src, trg=trg, pos_idx=pos_idx)
+    mixture = dict(src_mix=mix, trg=trg, pos_idx=pos_idx)
+    return [
+        ("fused_nce_loss", lambda a: ak.fused_nce_loss(a["src"], a["trg"], a["pos_idx"]), nce),
+        ("nce_loss_reference", lambda a: ak.nce_loss_reference(a["src"], a["trg"], a["pos_idx"]), nce),
+        ("NCELoss", lambda a: ak.NCELoss()(a["src"], a["trg"], a["pos_idx"]), nce),
+        ("fused_mixture_nce_loss", lambda a: ak.fused_mixture_nce_loss(a["src_mix"], a["trg"], a["pos_idx"]), mixture),
+        ("mixture_nce_loss_reference", lambda a: ak.mixture_nce_loss_reference(a["src_mix"], a["trg"], a["pos_idx"]), mixture),
+        ("MixtureNCELoss", lambda a: ak.MixtureNCELoss()(a["src_mix"], a["trg"], a["pos_idx"]), mixture),
+        ("g2l_loss", lambda a: compat.g2l_loss(a["r_src"], a["r_trg"], a["mask_mat"]),
+         dict(r_src=src, r_trg=r_trg, mask_mat=mask)),
+    ]
+
+
+LAYOUT_CASES = [(entry, call, args, name, layout)
+                for entry, call, args in layout_calls() for name in args
+                for layout, (_, ranks) in LAYOUTS.items()
+                if args[name].dim() in ranks and (layout != "mkldnn" or args[name].is_floating_point())]
+
+
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|nested tensors).*:UserWarning")
+@pytest.mark.parametrize("entry,call,args,name,layout", LAYOUT_CASES,
+                         ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in LAYOUT_CASES])
+def test_non_strided_layouts_are_refused_by_name(entry, call, args, name, layout):
+    call(args)   # the dense call is valid
+    convert = LAYOUTS[layout][0]
+    with pytest.raises(TypeError, match=rf"^{name} must be a dense \(strided\) tensor, got "):
+        call(dict(args, **{name: convert(args[name])}))
