@@ -123,9 +123,23 @@ def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
     return a
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32, whichever API set it. The per-backend
+    setting (torch >= 2.9, `torch.backends.cuda.matmul.fp32_precision`, "none" inheriting from
+    `torch.backends.fp32_precision`) is also what the legacy `set_float32_matmul_precision`
+    writes; `get_float32_matmul_precision()` raises once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(torch.backends, "fp32_precision"):   # torch < 2.9: only the legacy API
+        return torch.get_float32_matmul_precision() != "highest"
+    precision = matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot precision for `dtype` inputs: fp32 follows torch's fp32 matmul precision."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and fp32_matmul_allows_tf32():
         # tf32x3, not tf32: one tf32 MMA truncates its fp32 inputs, and on an H100 that made the
         # negatives' logsumexp ~10x less accurate than cuBLAS's TF32 product (biased errors add up
         # over M terms); three MMAs on the split operands are accurate to ~fp32 and still run on
