@@ -92,6 +92,16 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _positive_sample(pos_idx_ptr, rows, row_ok, B):
+    """pos_idx[rows] as int32, and -1 (no positives) on padded rows and wherever pos_idx lies
+    outside [0, B): the int64 value is range-checked before it is narrowed, so 2**32 + 1 does not
+    become the valid sample 1. Such a call's loss is NaN (docs/losses.md); the kernels must only
+    stay in bounds, and the gradient gathers grad_pos at the positives."""
+    p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
+    return tl.where((p >= 0) & (p < B), p, -1).to(tl.int32)
+
+
+@triton.jit
 def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr,
                 BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):

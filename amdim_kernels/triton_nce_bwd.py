@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _score_tile, _sigmoid, _tanh_dtanh, check_device,
-                             device_guard, input_precision, sm_count)
+from ._triton_common import (INTERPRET, _positive_sample, _score_tile, _sigmoid, _tanh_dtanh,
+                             check_device, device_guard, input_precision, sm_count)
 
 # GPU tile configs (autotuned per shape). The accumulator is the register-hungry part: 64 x 256
 # fp32 over 8 warps is 64 registers per thread, beside the score tile and the operand tiles. The
@@ -145,11 +145,10 @@ def _nce_bwd_src_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)   # -1: padded rows have no positives
+    pidx = _positive_sample(pos_idx_ptr, rows, row_ok, M // L)   # -1: no positives in the row
     gneg = tl.load(gneg_ptr + rows, mask=row_ok, other=0.0)
     nstat = tl.load(nstat_ptr + rows, mask=row_ok, other=0.0)
     gp_base = (rows64 - pidx) * L
-    pidx = pidx.to(tl.int32)
     gsq2 = 2.0 * tl.load(gsq_ptr)
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dout_ok = dout < D
@@ -227,11 +226,10 @@ def _nce_bwd_trg_kernel(
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
+        pidx = _positive_sample(pos_idx_ptr, rows, row_ok, M // L)
         gneg = tl.load(gneg_ptr + rows, mask=row_ok, other=0.0)
         nstat = tl.load(nstat_ptr + rows, mask=row_ok, other=0.0)
         gp_base = (rows64 - pidx) * L
-        pidx = pidx.to(tl.int32)
         src_rows = src_ptr + rows64[None, :] * D
         # the score tile transposed, a^T (BLOCK_M x BLOCK_N): g^T then feeds the product as is
         at = _score_tile(y_all, trg_cols, col_ok, src_rows, row_ok, D, INPUT_PRECISION, UPCAST,

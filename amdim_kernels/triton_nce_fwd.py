@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _score_tile, _softplus, _tanh, _tanh_rational,
-                             check_device, device_guard, input_precision, sm_count)
+from ._triton_common import (INTERPRET, _positive_sample, _score_tile, _softplus, _tanh,
+                             _tanh_rational, check_device, device_guard, input_precision, sm_count)
 
 # Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
 # the default. AMDIM_KERNELS_FWD_TANH=rational: the clip's tanh as a rational function (one
@@ -118,10 +118,10 @@ def _nce_fwd_split_kernel(
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # -1 on padded rows: never equal to a sample index, so they have no positives.
-    pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    # -1 on padded rows (and out-of-range pos_idx): never equal to a sample, so no positives.
+    pidx = _positive_sample(pos_idx_ptr, rows, row_ok, M // L)
     # Range of positive samples in this row block: tiles outside it skip the positive scatter.
-    p_lo = tl.min(tl.where(row_ok, pidx, M))
+    p_lo = tl.min(tl.where(pidx >= 0, pidx, M))
     p_hi = tl.max(pidx)
     src_rows = src_ptr + rows.to(tl.int64)[:, None] * D
     if ONE_CHUNK:

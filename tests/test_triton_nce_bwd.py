@@ -198,6 +198,41 @@ def test_saturated_scores_get_the_true_gradient_through_the_clip():
     assert_relative_to_each_element(got, src, trg, pos_idx, tclip, grads, 1e-3)
 
 
+_OUT_OF_RANGE_SCRIPT = textwrap.dedent(r"""
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_cuda_nce_bwd import input_grads, problem, statistics
+    from amdim_kernels.triton_nce_bwd import nce_bwd_triton
+    from amdim_kernels.triton_nce_fwd import nce_fwd_triton
+    src64, trg64, _, grads = problem(4, 3, 5, 6, seed=1)
+    pos_idx = torch.tensor([0, 1, 2, 2**32 + 1])   # int32 truncation of the last is 1, a valid sample
+    src, trg = src64.float(), trg64.float()
+    pos, neg_stat, sumsq = nce_fwd_triton(src, trg, pos_idx, 20.0, "logsumexp")
+    ours = nce_bwd_triton(*[g.float() for g in grads], src, trg, pos_idx, neg_stat, 20.0, "logsumexp")
+    # the kernels' contract: a row whose pos_idx is outside [0, B) has no positives at all
+    no_pos = torch.tensor([0, 1, 2, -1])
+    a = (src64 @ trg64.reshape(-1, 6).T / 6 ** 0.5).view(4, 3, 5)
+    truth_neg = statistics(a, no_pos.clamp(min=0), 20.0, "logsumexp")[1]
+    s = 20.0 * torch.tanh(a[3] / 20.0)
+    print(repr([float(neg_stat[3] - s.logsumexp((0, 1))), float((neg_stat[:3] - truth_neg[:3]).abs().max())]))
+""")
+
+
+def test_pos_idx_outside_int32_is_out_of_range_not_wrapped():
+    """pos_idx = 2**32 + 1 wraps to 1 in int32: the backward gathered grad_pos at (i - pos_idx) * L
+    (an address 2**32 * L below the tensor: a segfault under the interpreter, an illegal address
+    on a GPU). Both kernels must treat it as what it is, out of range: no positives in that row.
+    Run in a child process, so that a crash is a failure, not the end of the test session."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE_SCRIPT, os.path.join(ROOT, "tests")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    last_row, others = eval(proc.stdout.strip().splitlines()[-1])
+    assert abs(last_row) < 1e-4     # every column of row 3 is a negative
+    assert others < 1e-4
+
+
 def test_rejects_bad_arguments():
     src64, trg64, pos_idx, grads = problem(4, 3, 2, 5, seed=0)
     src, trg = src64.float().to(DEVICE), trg64.float().to(DEVICE)
