@@ -36,6 +36,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_fused_dtype(backend: str, x: torch.Tensor, name: str) -> None:
+    """The CUDA kernels accumulate in float32 (losses.md: float64 results need float64 math): a
+    float64 input to backend "triton" is an error naming the argument, before any work."""
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"{name} is float64 on {x.device}: the fused CUDA kernels take float16, "
+                        f"bfloat16 or float32 (accumulated in float32). For float64 results use "
+                        f"backend='reference' on the GPU, or float64 CPU tensors (the C++ kernels "
+                        f"accumulate in float64)")
+
+
 def nce_statistics(src, trg, pos_idx, tclip, neg_reduction):
     """(pos, neg_stat, sumsq) of the score matrix through the registered op (docs/design.md)."""
     from . import ops  # builds the extension on first use
@@ -82,6 +92,7 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     if backend == "reference":
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
                                   estimator=estimator, strict=strict)
+    check_fused_dtype(backend, src, src_name)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     with _validate.autocast_disabled(src.device):
         pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
@@ -130,6 +141,7 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
         return mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=tau, alpha=alpha,
                                           detach_q=detach_q, tclip=tclip, reg_weight=reg_weight,
                                           strict=strict)
+    check_fused_dtype(backend, src_mix, "src_mix")
     from . import mixture  # registers the epilogue ops (and builds the extension) on first use
 
     n, k, d = src_mix.shape
