@@ -92,6 +92,55 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _clip(a, tclip, inv_tclip, CLIP: tl.constexpr, TANH_RATIONAL: tl.constexpr):
+    """The soft clip s = tclip * tanh(a / tclip), or s = a without it."""
+    if CLIP:
+        if TANH_RATIONAL:
+            return tclip * _tanh_rational(a * inv_tclip)
+        return tclip * _tanh(a * inv_tclip)
+    return a
+
+
+@triton.jit
+def _square_or_nan(a):
+    """a^2, and NaN where a is not finite (a - a is 0 for finite a, NaN for +-Inf and NaN): a sum
+    of these is NaN exactly when some score is not finite, and +Inf when only squares of finite
+    scores overflow, which are valid inputs (docs/losses.md)."""
+    return a * a + (a - a)
+
+
+@triton.jit
+def _negatives_update(s, neg, m_i, acc_i, tclip, NEG_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
+    """Fold the negatives (mask `neg`) of a (rows, columns) tile of clipped scores s into the
+    per-row statistic: a logsumexp as (running max m_i, sum of exp(s - m_i)), shifted by the fixed
+    tclip when FIXED_SHIFT (m_i unused), or a sum of softplus(s) in acc_i."""
+    if NEG_LSE:
+        if FIXED_SHIFT:
+            acc_i += tl.sum(tl.where(neg, tl.exp(s - tclip), 0.0), axis=1)
+        else:
+            m_new = tl.maximum(m_i, tl.max(tl.where(neg, s, float("-inf")), axis=1))
+            # A row with no negative seen yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc_i = acc_i * tl.exp(m_i - m_safe) + tl.sum(
+                tl.where(neg, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
+            m_i = m_new
+    else:
+        acc_i += tl.sum(tl.where(neg, _softplus(s), 0.0), axis=1)
+    return m_i, acc_i
+
+
+@triton.jit
+def _negatives_final(m_i, acc_i, tclip, NEG_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
+    """neg_stat from _negatives_update's statistic: m + log(acc) (acc == 0, B == 1, gives -inf,
+    the defined result), or the softplus sum."""
+    if NEG_LSE:
+        if FIXED_SHIFT:
+            return tclip + tl.log(acc_i)
+        return tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(acc_i)
+    return acc_i
+
+
+@triton.jit
 def _positive_sample(pos_idx_ptr, rows, row_ok, B):
     """pos_idx[rows] as int32, and -1 (no positives) on padded rows and wherever pos_idx lies
     outside [0, B): the int64 value is range-checked before it is narrowed, so 2**32 + 1 does not
@@ -156,6 +205,21 @@ def input_precision(dtype: torch.dtype) -> str:
         # the tensor cores.
         return "tf32x3"
     return "ieee"
+
+
+def product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False):
+    """out = a @ b, or out += a @ b (cuBLAS on CUDA), accumulated in fp32 whatever the dtypes:
+    out is fp32 or a's dtype. fp32 products follow torch's matmul precision (TF32 or not)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    elif a.is_cuda:   # 16-bit operands into fp32 (out_dtype: torch >= 2.10)
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:             # CPU tensors (the interpreter tests): the same fp32 accumulation
+        prod = a.float() @ b.float()
+        out.add_(prod) if accumulate else out.copy_(prod)
 
 
 def device_guard(x: torch.Tensor):
