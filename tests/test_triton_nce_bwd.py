@@ -1,5 +1,4 @@
-"""The Triton backward of nce_bwd (amdim_kernels/triton_nce_bwd.py) and its selection as the CUDA
-kernel of nce_bwd (amdim_kernels/ops.py).
+"""The Triton row/column backward of nce_bwd (amdim_kernels/triton_nce_bwd.py).
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py);
 16-bit dots are upcast to fp32 there (the interpreter's bf16 tl.dot is wrong), after g is rounded
@@ -129,14 +128,16 @@ def test_fp16_keeps_gradients_below_its_normal_range():
 
 
 # ---- the whole loss: Triton forward, autograd's composition, Triton backward ----------------
-def triton_loss_grads(src, trg, pos_idx, compose, tclip, neg_reduction):
-    """d loss / d (src, trg) with the Triton nce_fwd / nce_bwd, and `compose` (pos, neg_stat,
-    sumsq) -> loss in between, as ops.py's autograd formula wires them."""
+def triton_loss_grads(src, trg, pos_idx, compose, tclip, neg_reduction, backward=None):
+    """d loss / d (src, trg) with the Triton nce_fwd and `backward` (default: the Triton nce_bwd),
+    and `compose` (pos, neg_stat, sumsq) -> loss in between, as ops.py's autograd formula wires
+    them."""
     from amdim_kernels.triton_nce_fwd import nce_fwd_triton
     stats = [x.requires_grad_() for x in nce_fwd_triton(src, trg, pos_idx, tclip, neg_reduction)]
     grads = torch.autograd.grad(compose(*stats), stats, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(stats, grads)]
-    return tnb.nce_bwd_triton(*grads, src, trg, pos_idx, stats[1].detach(), tclip, neg_reduction)
+    return (backward or tnb.nce_bwd_triton)(*grads, src, trg, pos_idx, stats[1].detach(), tclip,
+                                            neg_reduction)
 
 
 @pytest.mark.parametrize("estimator", ["nce", "jsd", "dv"])
@@ -250,64 +251,7 @@ def test_rejects_bad_arguments():
         tnb.nce_bwd_triton(gp, gn, gs, src, trg, pos_idx.int(), ns, 20.0, "logsumexp")
 
 
-# ---- which kernel backs nce_bwd on CUDA ---------------------------------------------------------
-def test_select_cuda_bwd():
-    from amdim_kernels.ops import select_cuda_bwd
-    # without the CUDA part of the extension (pip torch + triton, no toolkit): Triton
-    assert select_cuda_bwd(False, None) == ("triton", None)
-    assert select_cuda_bwd(False, "") == ("triton", None)
-    assert select_cuda_bwd(False, "triton") == ("triton", None)
-    kernel, why = select_cuda_bwd(False, "cuda")
-    assert kernel is None and "cannot be built" in why
-    # with it: the measured CUDA kernel unless asked otherwise
-    assert select_cuda_bwd(True, None) == ("cuda", None)
-    assert select_cuda_bwd(True, "cuda") == ("cuda", None)
-    assert select_cuda_bwd(True, "triton") == ("triton", None)
-    for buildable in (True, False):
-        kernel, why = select_cuda_bwd(buildable, "Triton")
-        assert kernel is None and "AMDIM_KERNELS_CUDA_BWD must be 'cuda' or 'triton'" in why
-
-
-_REGISTER_SCRIPT = textwrap.dedent(r"""
-    import sys, warnings, torch
-    from amdim_kernels import ops
-    has = lambda op: torch._C._dispatch_has_kernel_for_dispatch_key(f"amdim_kernels::{op}", "CUDA")
-    cuda_buildable, choice = sys.argv[1] == "1", sys.argv[2] or None
-    before = (has("nce_fwd"), has("nce_bwd"))
-    if cuda_buildable:   # stand in for the kernel csrc/cuda would have registered
-        torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", lambda *args: None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        why = ops._register_triton_cuda(cuda_available=True, cuda_buildable=cuda_buildable,
-                                        choice=choice)
-    from amdim_kernels.triton_nce_bwd import nce_bwd_triton
-    print(repr((before, why, ops.CUDA_BWD, has("nce_fwd"), has("nce_bwd"),
-                [str(w.message) for w in caught])))
-""")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks registration on a machine without CUDA")
-@pytest.mark.parametrize("cuda_buildable,choice,registered", [
-    (False, "", "triton"), (False, "triton", "triton"), (False, "cuda", None), (True, "", "cuda"),
-    (True, "triton", "triton")])
-def test_registration_without_the_cuda_extension(cuda_buildable, choice, registered):
-    """What _register_triton_cuda registers, run in a fresh process (registration is global) on a
-    CPU-only torch, whose extension has no CUDA kernels of its own."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env.pop("AMDIM_KERNELS_CUDA_BWD", None)
-    proc = subprocess.run([sys.executable, "-c", _REGISTER_SCRIPT, str(int(cuda_buildable)), choice],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    before, why, kernel, fwd, bwd, caught = eval(proc.stdout.strip().splitlines()[-1])
-    assert before == (False, False)
-    assert kernel == registered
-    assert not caught   # replacing the CUDA kernel (AMDIM_KERNELS_CUDA_BWD=triton) is silent
-    if registered is None:
-        assert "cannot be built" in why and not fwd and not bwd
-    else:
-        assert why is None and fwd
-        # without the CUDA part, nothing but the Triton kernel can back nce_bwd on CUDA
-        assert bwd == (registered == "triton" or cuda_buildable)
+# (which kernel backs nce_bwd on CUDA: tests/test_cuda_path.py)
 
 
 # ---- sm_90 compilation without a GPU ----------------------------------------------------------
