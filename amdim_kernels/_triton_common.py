@@ -102,14 +102,6 @@ def _clip(a, tclip, inv_tclip, CLIP: tl.constexpr, TANH_RATIONAL: tl.constexpr):
 
 
 @triton.jit
-def _square_or_nan(a):
-    """a^2, and NaN where a is not finite (a - a is 0 for finite a, NaN for +-Inf and NaN): a sum
-    of these is NaN exactly when some score is not finite, and +Inf when only squares of finite
-    scores overflow, which are valid inputs (docs/losses.md)."""
-    return a * a + (a - a)
-
-
-@triton.jit
 def _negatives_update(s, neg, m_i, acc_i, tclip, NEG_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
     """Fold the negatives (mask `neg`) of a (rows, columns) tile of clipped scores s into the
     per-row statistic: a logsumexp as (running max m_i, sum of exp(s - m_i)), shifted by the fixed

@@ -93,6 +93,8 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
                                   estimator=estimator, strict=strict)
     check_fused_dtype(backend, src, src_name)
+    if backend == "triton" and not strict and not _functorch_transform():
+        return _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, pos_idx_given)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     with _validate.autocast_disabled(src.device):
         pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
@@ -102,6 +104,22 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
         loss = estimator_loss(estimator, pos, neg_stat, b)
         lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
     return _validate.poison((loss, lgt_reg), bad)
+
+
+def _functorch_transform() -> bool:
+    """Inside torch.func.grad / vmap / ...: those take autograd.Functions, not the loss op."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, check_range):
+    """The non-strict CUDA path: the whole loss in one op (nce_loss_op.py), a few launches
+    instead of nce_fwd and some twenty launches of the torch epilogue below."""
+    from . import nce_loss_op
+    with _validate.autocast_disabled(src.device):
+        loss, lgt_reg, _, _, _ = nce_loss_op.nce_loss(src.contiguous(), trg.contiguous(),
+                                                      pos_idx.contiguous(), tclip,
+                                                      float(reg_weight), estimator, check_range)
+    return loss, lgt_reg
 
 
 def estimator_loss(estimator: str, pos: torch.Tensor, neg_stat: torch.Tensor, b: int) -> torch.Tensor:

@@ -67,6 +67,7 @@ _PROGRAMS_PER_SM = 2
 _MAX_SRC_SPLITS = 64
 _SPLIT_BYTES = 32 << 20
 _INTERPRET_SMS = 4   # stand-in SM count for the interpreter: small shapes still get several splits
+_SUM_BLOCK = 1024    # elements per program of the sum of the d src partials
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -254,6 +255,18 @@ def _nce_bwd_trg_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & dout_ok[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(parts_ptr, out_ptr, S, NUMEL, BLOCK: tl.constexpr):
+    """out = sum over s of parts[s] (S x NUMEL fp32), in out's dtype: one launch where
+    parts.sum(0).to(dtype) took two."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, S):
+        acc += tl.load(parts_ptr + s * NUMEL + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def src_splits(n: int, m: int, d: int, device: torch.device) -> tuple[int, int]:
     """(column splits S, columns per split) of the d src kernel: about _PROGRAMS_PER_SM programs
     per SM counted with the smallest row block and D-out chunk, every split a whole number of
@@ -338,5 +351,8 @@ def nce_bwd_triton(grad_pos: torch.Tensor, grad_neg_stat: torch.Tensor, grad_sum
         _nce_bwd_trg_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),
                                           triton.cdiv(d, meta["BLOCK_DO"]))](
             src, trg, pos_idx, gp, gn, gs, ns, grad_trg, n, m, d, l, *scalars, **consts)
-    grad_src = src_out if splits == 1 else src_out.sum(0).to(src.dtype)
-    return grad_src, grad_trg
+        if splits > 1:
+            grad_src = torch.empty_like(src)
+            _sum_splits_kernel[(triton.cdiv(n * d, _SUM_BLOCK),)](src_out, grad_src, splits, n * d,
+                                                                  BLOCK=_SUM_BLOCK)
+    return (src_out if splits == 1 else grad_src), grad_trg

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (_clip, _negatives_final, _negatives_update, _positive_sample,
-                             _square_or_nan, check_device, device_guard, product_into)
+                             check_device, device_guard, product_into)
 from .triton_nce_fwd import _MAX_FIXED_SHIFT_TCLIP, _TANH_CHOICE, check_fwd_inputs
 
 BLOCK_R, BLOCK_C = 4, 256   # rows per program, columns per step: 1024 scores, 4 warps
@@ -42,7 +42,7 @@ def _nce_dense_kernel(
         cols = start + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < M)[None, :]
         a = tl.load(dots_ptr + rows64[:, None] * M + cols[None, :], mask=ok, other=0.0) * scale
-        sq_i += tl.sum(_square_or_nan(a), axis=1)
+        sq_i += tl.sum(a * a, axis=1)
         s = _clip(a, tclip, inv_tclip, CLIP, TANH_RATIONAL)
         is_pos = (cols // L)[None, :] == pidx[:, None]
         # pos[i, l] of column m = pidx[i] * L + l lives at (i - pidx[i]) * L + m

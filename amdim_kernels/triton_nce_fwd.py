@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (INTERPRET, _clip, _negatives_final, _negatives_update,
-                             _positive_sample, _score_tile, _square_or_nan, check_device,
+                             _positive_sample, _score_tile, check_device,
                              device_guard, input_precision, sm_count)
 
 # Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
@@ -149,7 +149,7 @@ def _nce_fwd_split_kernel(
                         ONE_CHUNK, BLOCK_N, BLOCK_M, BLOCK_D)
         a = a * scale
         # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
-        sq_i += tl.sum(_square_or_nan(a), axis=1)
+        sq_i += tl.sum(a * a, axis=1)
         s = _clip(a, tclip, inv_tclip, CLIP, TANH_RATIONAL)
         sample = cols // L
         is_pos = sample[None, :] == pidx[:, None]
@@ -307,7 +307,7 @@ def split_statistics(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor
 def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
                    tclip: float | None, neg_reduction: str):
     """(pos (N, L), neg_stat (N,), sumsq 0-dim), float32, exactly as docs/design.md's
-    amdim_kernels::nce_fwd; sumsq is NaN where some score is not finite. A pos_idx outside
+    amdim_kernels::nce_fwd. A pos_idx outside
     [0, B) gives its row no positives (its entries of `pos` stay unwritten). float64 is not
     supported here.
     """
