@@ -14,6 +14,4 @@ MEASURED = None
 # First match wins. A rule matches a problem (N rows, M = B*L columns, D, dtype) when every bound
 # it names holds: "dtypes" (names), "max_nm" (N * M), "min_d", "max_d". "bwd" is an order of
 # preference among the backward variants available on the machine.
-RULES = [
-    {"fwd": "tiled", "bwd": ["cuda", "triton"]},
-]
+RULES = [{'fwd': 'tiled', 'bwd': ['cuda', 'triton']}]
