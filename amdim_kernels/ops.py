@@ -201,6 +201,9 @@ def _register_cuda(cuda_available: bool | None = None,
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         torch.library.register_kernel("amdim_kernels::nce_fwd", "cuda", _nce_fwd_cuda)
         torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", _nce_bwd_cuda)
+    # the loss op of the non-strict CUDA path: imported here, in eager code, so that a compiled
+    # loss finds it registered (ops is far enough along for its import of ops)
+    from . import nce_loss_op  # noqa: F401
     return None
 
 
