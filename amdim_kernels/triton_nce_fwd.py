@@ -148,7 +148,8 @@ def _nce_fwd_split_kernel(
         a = _score_tile(x_all, src_rows, row_ok, trg_cols, col_ok, D, INPUT_PRECISION, UPCAST,
                         ONE_CHUNK, BLOCK_N, BLOCK_M, BLOCK_D)
         a = a * scale
-        # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
+        # Padded rows and columns were loaded as zeros, so their a is exactly 0 here (NaN where an
+        # Inf meets a padded zero: the sum of a^2 is non-finite then anyway, as it must be).
         sq_i += tl.sum(a * a, axis=1)
         s = _clip(a, tclip, inv_tclip, CLIP, TANH_RATIONAL)
         sample = cols // L

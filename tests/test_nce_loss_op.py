@@ -188,6 +188,12 @@ def test_cuda_kernels_poison_and_edge_cases(cuda_variants, fwd):
     nan_src[1, 1] = math.inf
     loss, reg, bad, _ = run_cuda_kernels(nan_src, trg, pos_idx, 20.0, 0.05, "jsd")
     assert bad and math.isnan(loss) and math.isnan(reg)
+    # finite inputs whose scores overflow to +Inf: the sum of a^2 is +Inf, not NaN (an infinite
+    # input is NaN there already, through the padded lanes), so the overflow bound decides
+    huge_src, huge_trg = src.abs() * 1e20, trg.abs() * 1e20
+    assert tnf.nce_fwd_triton(huge_src, huge_trg, pos_idx, 20.0, "logsumexp")[2].item() == math.inf
+    loss, reg, bad, _ = run_cuda_kernels(huge_src, huge_trg, pos_idx, 20.0, 0.05, "nce")
+    assert bad and math.isnan(loss) and math.isnan(reg)
     # finite scores whose squares overflow: valid, lgt_reg Inf (0 without the regulariser)
     big = src.clone()
     big[1] = 3e19
