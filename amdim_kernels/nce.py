@@ -93,7 +93,7 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
                                   estimator=estimator, strict=strict)
     check_fused_dtype(backend, src, src_name)
-    if backend == "triton" and not strict and not _functorch_transform():
+    if backend == "triton" and not strict and not _functorch_transform() and _fused_epilogue():
         return _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, pos_idx_given)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     with _validate.autocast_disabled(src.device):
@@ -109,6 +109,12 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
 def _functorch_transform() -> bool:
     """Inside torch.func.grad / vmap / ...: those take autograd.Functions, not the loss op."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _fused_epilogue() -> bool:
+    """The loss op's fused epilogue (default), unless AMDIM_KERNELS_CUDA_EPILOGUE=torch."""
+    from . import ops
+    return ops.SELECTION.epilogue == "fused"
 
 
 def _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, check_range):

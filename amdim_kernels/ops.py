@@ -146,11 +146,13 @@ def _cuda_cpp_bwd():
 
 def _register_cuda(cuda_available: bool | None = None,
                    cuda_status: tuple[str | None, str | None] | None = None,
-                   fwd_choice: str | None = None, bwd_choice: str | None = None) -> str | None:
+                   fwd_choice: str | None = None, bwd_choice: str | None = None,
+                   epilogue_choice: str | None = None) -> str | None:
     """Register the CUDA kernels of nce_fwd and nce_bwd; return why not, or None on success.
 
     cuda_status: where the CUDA C++ backward comes from (`_extension.cuda_bwd_status`);
-    fwd_choice / bwd_choice: the values of AMDIM_KERNELS_CUDA_FWD / _BWD. They default to this
+    fwd_choice / bwd_choice / epilogue_choice: the values of AMDIM_KERNELS_CUDA_FWD / _BWD /
+    _EPILOGUE. They default to this
     machine's state (tests pass them to exercise the other cases). The CUDA C++ backward is built
     (once, cached) only when it may be chosen; a failed build leaves the Triton backwards, with
     one message, unless AMDIM_KERNELS_CUDA_BWD=cuda asked for it: then the CUDA kernels are not
@@ -163,6 +165,7 @@ def _register_cuda(cuda_available: bool | None = None,
     try:
         fwd = variants.env_choice(variants.FWD_ENV, variants.FWD_VARIANTS, fwd_choice)
         bwd = variants.env_choice(variants.BWD_ENV, variants.BWD_VARIANTS, bwd_choice)
+        epilogue = variants.env_choice(variants.EPILOGUE_ENV, variants.EPILOGUES, epilogue_choice)
     except ValueError as err:
         return str(err)
     try:
@@ -195,7 +198,7 @@ def _register_cuda(cuda_available: bool | None = None,
     _BWD_KERNELS.update(triton=nce_bwd_triton, triton_cublas=nce_bwd_triton_cublas)
     if cpp_bwd is not None:
         _BWD_KERNELS["cuda"] = cpp_bwd
-    SELECTION = variants.Selection(frozenset(_BWD_KERNELS), fwd, bwd)
+    SELECTION = variants.Selection(frozenset(_BWD_KERNELS), fwd, bwd, epilogue)
     with warnings.catch_warnings():
         # registering again (tests) replaces this module's own kernels: that is the point
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")

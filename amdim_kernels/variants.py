@@ -13,6 +13,11 @@ Backward (the CUDA kernel of nce_bwd):
 AMDIM_KERNELS_CUDA_FWD=tiled|dense and AMDIM_KERNELS_CUDA_BWD=cuda|triton|triton_cublas fix a
 variant for every problem; unset, the committed table (auto_table.py, measured on a GPU by
 benchmarks/gpu_check.sh) picks by size among the available ones.
+
+The loss around them (softplus, means, lgt_reg, NaN poisoning): "fused" (default) computes it in
+the loss op's Triton programs (nce_loss_op.py: 2 launches forward, 4 backward), "torch" composes it
+from torch ops as on the CPU (~20 launches), AMDIM_KERNELS_CUDA_EPILOGUE=fused|torch, so that a GPU
+run can measure what the fusion saves.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from . import auto_table
 
 FWD_VARIANTS = ("tiled", "dense")
 BWD_VARIANTS = ("cuda", "triton", "triton_cublas")
+EPILOGUES = ("fused", "torch")
 FWD_ENV, BWD_ENV = "AMDIM_KERNELS_CUDA_FWD", "AMDIM_KERNELS_CUDA_BWD"
+EPILOGUE_ENV = "AMDIM_KERNELS_CUDA_EPILOGUE"
 
 
 def env_choice(env: str, allowed: tuple[str, ...], value: str | None = None) -> str | None:
@@ -58,8 +65,10 @@ def table_choice(n: int, m: int, d: int, dtype: torch.dtype, available: frozense
 class Selection:
     """The variants in force: fixed by the environment, or by the table among those available."""
 
-    def __init__(self, available_bwd: frozenset[str], fwd: str | None, bwd: str | None):
+    def __init__(self, available_bwd: frozenset[str], fwd: str | None, bwd: str | None,
+                 epilogue: str | None = None):
         self.available_bwd, self.fwd, self.bwd = available_bwd, fwd, bwd
+        self.epilogue = epilogue or "fused"
         self.choose = functools.lru_cache(maxsize=1024)(self._choose)
 
     def _choose(self, n: int, m: int, d: int, dtype: torch.dtype) -> tuple[str, str]:
@@ -68,5 +77,6 @@ class Selection:
 
     def describe(self) -> str:
         fixed = lambda v, env: f"{v} ({env})" if v else "by size (auto_table.py)"   # noqa: E731
-        return (f"forward {fixed(self.fwd, FWD_ENV)}, backward {fixed(self.bwd, BWD_ENV)}; "
-                f"backward variants available: {', '.join(sorted(self.available_bwd))}")
+        return (f"forward {fixed(self.fwd, FWD_ENV)}, backward {fixed(self.bwd, BWD_ENV)}, "
+                f"epilogue {self.epilogue}; backward variants available: "
+                f"{', '.join(sorted(self.available_bwd))}")

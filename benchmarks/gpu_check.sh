@@ -139,6 +139,8 @@ targets() {   # S2 first (the forward and memory targets), then S1 against eager
       --shapes 4096x4096x49x1024 512x512x49x2048 8192x8192x49x256 --variants fused $few
   done
   bench targets_default_d256 -- --shapes 8192x8192x49x256 --variants products $few
+  bench targets_torch_epilogue AMDIM_KERNELS_CUDA_EPILOGUE=torch -- --shapes 512x512x49x2048 \
+    --variants fused $few     # what the fused epilogue saves, at the shape the host bounds
 }
 
 amdim() {

@@ -77,17 +77,17 @@ _REGISTER_SCRIPT = textwrap.dedent(r"""
 
     CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     out = []
-    for status, fwd, bwd in json.loads(sys.argv[1]):
+    for status, fwd, bwd, *epilogue in json.loads(sys.argv[1]):
         calls.clear()
         why = ops._register_cuda(cuda_available=True, cuda_status=tuple(status), fwd_choice=fwd,
-                                 bwd_choice=bwd)
+                                 bwd_choice=bwd, epilogue_choice=epilogue[0] if epilogue else "")
         ran = {}
         if why is None:   # the CUDA dispatch key, called with CPU tensors (interpreted kernels)
             f = torch.ops.amdim_kernels.nce_fwd.default.redispatch(CUDA, *fwd_args)
             b = torch.ops.amdim_kernels.nce_bwd.default.redispatch(CUDA, *bwd_args)
             ran = {"fwd": [k for k, v in fwds.items() if same(f, v)],
                    "bwd": [k for k, v in bwds.items() if same(b, v)], "calls": len(calls),
-                   "described": ops.SELECTION.describe()}
+                   "epilogue": ops.SELECTION.epilogue, "described": ops.SELECTION.describe()}
         out.append({"why": why, **ran})
     print("RESULT " + json.dumps(out))
 """)
@@ -102,6 +102,7 @@ REGISTRATIONS = [
     ((NONE, "", ""), "tiled", "triton"),               # pip-only: no CUDA C++ kernel
     ((NONE, "dense", "triton_cublas"), "dense", "triton_cublas"),
     ((BUILD, "", ""), "tiled", "triton"),              # its build fails: the Triton backward
+    ((NONE, "", "", "torch"), "tiled", "triton"),      # the torch-composed epilogue
 ]
 
 
@@ -125,6 +126,7 @@ def test_the_kernel_that_runs_on_cuda_is_the_one_chosen():
     results, stderr = run_registrations([case for case, _, _ in REGISTRATIONS])
     for (case, fwd, bwd), got in zip(REGISTRATIONS, results):
         assert got["why"] is None, (case, got)
+        assert got["epilogue"] == (case[3] if len(case) > 3 else "fused"), (case, got)
         assert got["fwd"] == [fwd] and got["bwd"] == [bwd], (case, got)
         assert got["calls"] == (bwd == "cuda"), (case, got)
     # the failed build of the last case: one message, naming what failed and what is used instead
@@ -136,12 +138,13 @@ def test_the_kernel_that_runs_on_cuda_is_the_one_chosen():
 
 def test_a_choice_that_cannot_be_honoured_is_an_error_not_a_fallback():
     results, _ = run_registrations([[NONE, "", "cuda"], [BUILD, "", "cuda"], [SHIPPED, "", "Triton"],
-                                    [SHIPPED, "tile", ""]])
+                                    [SHIPPED, "tile", ""], [SHIPPED, "", "", "none"]])
     assert "AMDIM_KERNELS_CUDA_BWD=cuda, but the CUDA C++ gradient kernel cannot be used" in results[0]["why"]
     assert "no nvcc in CUDA_HOME" in results[0]["why"]
     assert "building it failed" in results[1]["why"] and "nvcc exploded" in results[1]["why"]
     assert "AMDIM_KERNELS_CUDA_BWD must be one of cuda, triton, triton_cublas" in results[2]["why"]
     assert "AMDIM_KERNELS_CUDA_FWD must be one of tiled, dense" in results[3]["why"]
+    assert "AMDIM_KERNELS_CUDA_EPILOGUE must be one of fused, torch" in results[4]["why"]
 
 
 def test_table_rules_match_by_size_and_fall_back_to_an_available_backward():

@@ -37,8 +37,9 @@ def variants():
     """use(fwd, bwd): register the CUDA kernels with these variants (None: by the table); the
     machine's own registration is restored afterwards. "cuda" skips where the CUDA C++ backward
     cannot be had (no nvcc)."""
-    def use(fwd=None, bwd=None):
-        why = ops._register_cuda(fwd_choice=fwd or "", bwd_choice=bwd or "")
+    def use(fwd=None, bwd=None, epilogue=None):
+        why = ops._register_cuda(fwd_choice=fwd or "", bwd_choice=bwd or "",
+                                 epilogue_choice=epilogue or "")
         if why is not None and bwd == "cuda":
             pytest.skip(why)
         assert why is None, why
@@ -81,6 +82,15 @@ def test_losses_match_reference(variants, bwd, dtype, estimator):
     src, trg, pos_idx = gpu_inputs(130, 70, 49, 200, dtype)   # ragged; N > B: repeated pos_idx
     assert_within_reference_error(ak.fused_nce_loss, ak.nce_loss_reference, src, trg, pos_idx,
                                   tclip=10.0, reg_weight=0.1, estimator=estimator)
+
+
+def test_torch_epilogue_matches_reference(variants):
+    """AMDIM_KERNELS_CUDA_EPILOGUE=torch: nce_fwd and the torch epilogue, as before the loss op."""
+    variants(epilogue="torch")
+    src, trg, pos_idx = gpu_inputs(130, 70, 49, 200, torch.bfloat16)
+    for estimator in ESTIMATORS:
+        assert_within_reference_error(ak.fused_nce_loss, ak.nce_loss_reference, src, trg, pos_idx,
+                                      estimator=estimator)
 
 
 @pytest.mark.parametrize("bwd", BWD_VARIANTS)
