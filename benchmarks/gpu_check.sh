@@ -25,7 +25,7 @@ declare -A WHAT=(
   [bwd-ops]="nce_bwd op: the three backward variants on the same inputs, S1 S2 S3 bf16, S1 S3 fp32 -> bwd_ops_*.json"
   [targets]="S2, S1, N=B=8192 D=256: fused with each backward variant, products; eager and compiled reference at S1 -> bench_targets_*.json"
   [amdim]="N=B in {128,256,480}, D in {1024,1536,2560}: fused (tiled and dense forward) vs torch.compile -> bench_amdim_*.json"
-  [largest]="largest N=B at L=49, D=1024 that runs forward+backward -> largest.json"
+  [largest]="largest N=B at L=49, D=1024 that runs forward+backward (one config per kernel, no autotuning) -> largest.json"
   [table]="the backend='auto' table these results imply -> auto_table.py (commit it after reading)"
   [sweep]="N=B 128..16384, L 25/49, D 256/1024/2048, bf16, as far as time allows -> bench_sweep.json"
 )
@@ -155,6 +155,8 @@ largest() {
   python - "$OUT/largest.json" <<'PY'
 import json, sys, time, torch
 import amdim_kernels as ak
+from gpu_one_config import first_configs_only
+first_configs_only()   # does it run, not how fast: autotuning here would time every config
 rows = []
 for nb in (32768, 49152, 65536):
     try:

@@ -168,3 +168,45 @@ def test_committed_table_is_todays_defaults_until_measured():
         assert auto_table.RULES == [{"fwd": "tiled", "bwd": ["cuda", "triton"]}]
     else:   # written by benchmarks/auto_table.py from a gpu_check run: says which
         assert {"commit", "device", "results"} <= set(auto_table.MEASURED)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled", "reduce-overhead"])
+def test_the_cuda_branch_of_the_dispatch_runs_the_loss_op(triton_on_cpu, monkeypatch, mode):
+    """backend="triton", non-strict: fused_nce_loss takes the loss op (here its CPU kernel), in
+    eager mode and traced by torch.compile(fullgraph=True) alike; strict calls and
+    AMDIM_KERNELS_CUDA_EPILOGUE=torch take the torch epilogue."""
+    from amdim_kernels import nce_loss_op, variants
+    from amdim_kernels.reference import nce_loss_reference
+    monkeypatch.setattr(ops, "SELECTION", variants.Selection(frozenset({"triton"}), None, None))
+    calls = []
+    op = nce_loss_op.nce_loss
+
+    def spy(*args):
+        calls.append(args[5])
+        return op(*args)
+    monkeypatch.setattr(nce_loss_op, "nce_loss", spy)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(9, 7, generator=g, requires_grad=True)
+    trg = torch.randn(5, 4, 7, generator=g, requires_grad=True)
+    pos_idx = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
+
+    def objective(s, t, p):
+        loss, reg = ak.fused_nce_loss(s, t, p, estimator="jsd", backend="triton", strict=False)
+        return loss + reg
+    if mode != "eager":
+        torch._dynamo.reset()
+        objective = torch.compile(objective, fullgraph=True,
+                                  mode=None if mode == "compiled" else mode)
+    out = objective(src, trg, pos_idx)
+    got = torch.autograd.grad(out, (src, trg))
+    loss, reg = nce_loss_reference(src, trg, pos_idx, estimator="jsd")
+    want = torch.autograd.grad(loss + reg, (src, trg))
+    torch.testing.assert_close(out, loss + reg, rtol=2e-5, atol=2e-6)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
+    assert calls and set(calls) == {"jsd"}
+    calls.clear()
+    ak.fused_nce_loss(src, trg, pos_idx, backend="triton", strict=True)
+    monkeypatch.setattr(ops, "SELECTION", variants.Selection(frozenset({"triton"}), None, None, "torch"))
+    ak.fused_nce_loss(src, trg, pos_idx, backend="triton", strict=False)
+    assert not calls
