@@ -152,8 +152,8 @@ def _register_cuda(cuda_available: bool | None = None,
 
     cuda_status: where the CUDA C++ backward comes from (`_extension.cuda_bwd_status`);
     fwd_choice / bwd_choice / epilogue_choice: the values of AMDIM_KERNELS_CUDA_FWD / _BWD /
-    _EPILOGUE. They default to this
-    machine's state (tests pass them to exercise the other cases). The CUDA C++ backward is built
+    _EPILOGUE. They default to this machine's state (tests pass them to exercise the other
+    cases). The CUDA C++ backward is built
     (once, cached) only when it may be chosen; a failed build leaves the Triton backwards, with
     one message, unless AMDIM_KERNELS_CUDA_BWD=cuda asked for it: then the CUDA kernels are not
     registered and the fused CUDA losses raise saying why.
