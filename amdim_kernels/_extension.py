@@ -9,6 +9,11 @@ Two ways to get the compiled ops:
   host CPU (-march=native) into torch's extension cache (TORCH_EXTENSIONS_DIR, default
   ~/.cache/torch_extensions/<python>_<cpu|cuXYZ>).
 
+The CUDA gradient kernel (csrc/cuda) is a build of its own, made only when it is used (`cuda_bwd_status`,
+`load_cuda_bwd`): only where torch has CUDA and a working nvcc of torch's CUDA major version is
+found, never for CPU calls, and a failed build leaves the Triton backward in its place
+(amdim_kernels/ops.py) instead of failing the fused losses.
+
 A first-use build is named after a hash of everything that determines the binary (the bytes of
 csrc/, the flags, torch, the CPU for -march=native), so every copy of the package with the same
 sources (a checkout, an installed copy, a second checkout) reuses one build, and a changed source
@@ -33,9 +38,11 @@ import importlib.machinery
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
+import subprocess
 import sys
 import sysconfig
 import time
@@ -81,27 +88,62 @@ def source_dir() -> str:
     raise BuildError(f"amdim_kernels: C++ sources not found next to {here} (looked for csrc/nce.cpp)")
 
 
-def cuda_buildable() -> bool:
-    """Whether the ops have (or will have) their CUDA kernels: a matching ahead-of-time build with
-    CUDA, or torch with CUDA and a CUDA toolkit (nvcc) to build them with."""
-    shipped = shipped_build()
-    if shipped is not None and shipped[2] is None:
-        return bool(shipped[1]["with_cuda"])
-    return _cuda_toolkit_usable()
+CUDA_BASE_NAME = "amdim_kernels_cuda"   # the first-use build of csrc/cuda (the CUDA nce_bwd)
+# csrc/cuda/nce_cuda.cpp accumulates 16-bit products into an fp32 addmm output (out_dtype),
+# which torch supports from 2.10 (pytorch#167931); the file static_asserts it.
+MIN_TORCH_FOR_CUDA = (2, 10)
+_NVCC_RELEASE = re.compile(r"release (\d+)\.(\d+)")
+
+
+def _torch_version() -> tuple[int, int]:
+    return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def probe_nvcc() -> tuple[str | None, str | None]:
+    """(nvcc, None) where the CUDA kernels can be compiled for this torch, else (None, why not).
+
+    torch's CUDA_HOME is set whenever /usr/local/cuda exists, nvcc or not (a runtime-only CUDA
+    image), so the nvcc that torch.utils.cpp_extension will run (CUDA_HOME/bin/nvcc) is run, and
+    its release must have torch's CUDA major version (torch refuses to build otherwise)."""
+    if torch.version.cuda is None:
+        return None, "this torch has no CUDA"
+    if _torch_version() < MIN_TORCH_FOR_CUDA:
+        return None, (f"the CUDA kernel needs torch >= {'.'.join(map(str, MIN_TORCH_FOR_CUDA))}, "
+                      f"this is {torch.__version__}")
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME is None:
+        return None, "no CUDA toolkit (CUDA_HOME unset and no nvcc on PATH)"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        return None, f"no nvcc in CUDA_HOME={CUDA_HOME} (a CUDA runtime without the toolkit?)"
+    try:
+        proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"{nvcc} --version failed: {err}"
+    found = _NVCC_RELEASE.search(proc.stdout)
+    if proc.returncode != 0 or found is None:
+        return None, f"{nvcc} --version failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
+    release = f"{found.group(1)}.{found.group(2)}"
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        return None, f"{nvcc} is CUDA {release}, this torch was built with CUDA {torch.version.cuda}"
+    return nvcc, None
 
 
 def _cuda_toolkit_usable() -> bool:
-    from torch.utils.cpp_extension import CUDA_HOME
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    return probe_nvcc()[0] is not None
+
+
+def cuda_sources(root: str) -> list[str]:
+    """The CUDA gradient kernel's files: csrc/cuda/*.cpp, *.cu (the headers come with them)."""
+    cuda = os.path.join(root, "cuda")
+    return sorted(glob.glob(os.path.join(cuda, "*.cpp")) + glob.glob(os.path.join(cuda, "*.cu")))
 
 
 def source_files(root: str, with_cuda: bool) -> list[str]:
     """The files to compile: csrc/*.cpp, and csrc/cuda/*.cpp, *.cu with CUDA."""
     sources = sorted(glob.glob(os.path.join(root, "*.cpp")))
-    if with_cuda:
-        cuda = os.path.join(root, "cuda")
-        sources += sorted(glob.glob(os.path.join(cuda, "*.cpp")) + glob.glob(os.path.join(cuda, "*.cu")))
-    return sources
+    return sources + cuda_sources(root) if with_cuda else sources
 
 
 def sources_digest(root: str) -> str:
@@ -175,13 +217,42 @@ def make_spec(base: str, sources: list[str], digest: str, *, cflags: list[str], 
                      tuple(cuda_cflags), with_cuda)
 
 
-def jit_spec(root: str | None = None, with_cuda: bool | None = None) -> BuildSpec:
-    """The first-use build of csrc/ at root: tuned for this CPU (-march=native)."""
+def jit_spec(root: str | None = None, with_cuda: bool = False) -> BuildSpec:
+    """The first-use build of csrc/ at root: tuned for this CPU (-march=native). CPU only: the
+    CUDA kernel is built apart, when it is used (cuda_jit_spec)."""
     root = source_dir() if root is None else root
-    with_cuda = _cuda_toolkit_usable() if with_cuda is None else with_cuda
     return make_spec(BASE_NAME, source_files(root, with_cuda), sources_digest(root),
                      cflags=_CFLAGS[:1] + ["-march=native"] + _CFLAGS[1:], ldflags=_LDFLAGS,
                      cuda_cflags=_CUDA_CFLAGS, with_cuda=with_cuda, identity={"cpu": _host_cpu()})
+
+
+def cuda_jit_spec(root: str | None = None) -> BuildSpec:
+    """The first-use build of the CUDA gradient kernel (csrc/cuda) alone."""
+    root = source_dir() if root is None else root
+    return make_spec(CUDA_BASE_NAME, cuda_sources(root), sources_digest(root),
+                     cflags=["-O3", "-DNDEBUG"], ldflags=[], cuda_cflags=_CUDA_CFLAGS, with_cuda=True)
+
+
+def _cuda_arch_flags() -> list[str]:
+    """The -gencode flags torch compiles CUDA code with (TORCH_CUDA_ARCH_LIST, else the visible
+    GPUs, else every architecture of the CUDA version)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    return list(_get_cuda_arch_flags())
+
+
+def arch_flags_cover(flags: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a binary built with these -gencode flags runs on a GPU of this compute capability:
+    machine code sm_XY runs on X.Z for Z >= Y (sm_XYa only on X.Y), PTX compute_XY is compiled
+    by the driver for any capability >= X.Y."""
+    major, minor = capability
+    for flag in flags:
+        for kind, arch in re.findall(r"(sm|compute)_(\d+a?)", flag.rpartition("code=")[2]):
+            x, y, specific = int(arch.rstrip("a")[:-1]), int(arch.rstrip("a")[-1]), arch.endswith("a")
+            if kind == "compute" and (major, minor) >= (x, y) and not specific:
+                return True
+            if kind == "sm" and major == x and (minor == y if specific else minor >= y):
+                return True
+    return False
 
 
 def aot_build_options(root: str) -> dict:
@@ -191,7 +262,10 @@ def aot_build_options(root: str) -> dict:
     return {"sources": source_files(root, with_cuda), "with_cuda": with_cuda,
             # -g0: Python's own CFLAGS, which setuptools passes first, carry -g (a 5x larger .so)
             "cflags": list(_CFLAGS) + ["-g0"], "ldflags": list(_LDFLAGS), "cuda_cflags": list(_CUDA_CFLAGS),
-            "metadata": {**torch_abi(), "with_cuda": with_cuda, "sources": sources_digest(root)}}
+            "metadata": {**torch_abi(), "with_cuda": with_cuda, "sources": sources_digest(root),
+                         # which GPUs the CUDA kernel runs on: a build without this GPU's
+                         # architecture is not used for it (cuda_bwd_status)
+                         "cuda_arch_flags": _cuda_arch_flags() if with_cuda else []}}
 
 
 def _library_path(build_dir: str, spec: BuildSpec) -> str:
@@ -427,9 +501,7 @@ def _shipped_mismatch(meta: dict) -> str | None:
             return "was built from other sources than the csrc/ beside it"
     except BuildError:
         pass  # no sources to compare with (or to build from): the shipped build is all there is
-    if not meta.get("with_cuda") and _cuda_toolkit_usable():
-        return "has no CUDA kernels, and this torch and CUDA toolkit can build them"
-    return None
+    return None   # without CUDA kernels it still serves the CPU: the CUDA kernel is built apart
 
 
 @functools.lru_cache(maxsize=None)
@@ -444,5 +516,35 @@ def load() -> str:
             return library
         print(f"amdim_kernels: not using the prebuilt extension {library}: it {why}; "
               "using the first-use build instead", file=sys.stderr, flush=True)
-    spec = jit_spec()
-    return build_and_load(spec, what="C++/CUDA extension" if spec.with_cuda else "C++ extension")
+    return build_and_load(jit_spec(), what="C++ extension")
+
+
+def _shipped_cuda_flags() -> list[str] | None:
+    """The -gencode flags of the loaded ahead-of-time build if it holds the CUDA kernel, else
+    None; [] for a build older than that record."""
+    shipped = shipped_build()
+    if shipped is None or shipped[2] is not None or not shipped[1].get("with_cuda"):
+        return None
+    return list(shipped[1].get("cuda_arch_flags", []))
+
+
+def cuda_bwd_status(capabilities: list[tuple[int, int]]) -> tuple[str | None, str | None]:
+    """Where the CUDA gradient kernel (op amdim_kernels::nce_bwd_cuda) comes from for GPUs of
+    these compute capabilities: ("shipped", None) the loaded ahead-of-time build holds it for
+    them, ("build", None) it can be compiled on first use (load_cuda_bwd), or (None, why not)."""
+    flags = _shipped_cuda_flags()
+    if flags is not None:
+        missing = [c for c in capabilities if flags and not arch_flags_cover(flags, c)]
+        if missing:
+            return None, (f"the prebuilt extension was compiled for {' '.join(flags)}, which does "
+                          f"not run on compute capability {'.'.join(map(str, missing[0]))}; rebuild "
+                          f"it with TORCH_CUDA_ARCH_LIST naming this GPU")
+        return "shipped", None   # an older build without the record: used as before
+    nvcc, why = probe_nvcc()
+    return ("build", None) if nvcc else (None, why)
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_bwd() -> str:
+    """Compile (once, cached) and load the CUDA gradient kernel; raises BuildError."""
+    return build_and_load(cuda_jit_spec(), what="CUDA gradient kernel (csrc/cuda)")

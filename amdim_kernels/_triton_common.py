@@ -92,6 +92,57 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _clip(a, tclip, inv_tclip, CLIP: tl.constexpr, TANH_RATIONAL: tl.constexpr):
+    """The soft clip s = tclip * tanh(a / tclip), or s = a without it."""
+    if CLIP:
+        if TANH_RATIONAL:
+            return tclip * _tanh_rational(a * inv_tclip)
+        return tclip * _tanh(a * inv_tclip)
+    return a
+
+
+@triton.jit
+def _negatives_update(s, neg, m_i, acc_i, tclip, NEG_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
+    """Fold the negatives (mask `neg`) of a (rows, columns) tile of clipped scores s into the
+    per-row statistic: a logsumexp as (running max m_i, sum of exp(s - m_i)), shifted by the fixed
+    tclip when FIXED_SHIFT (m_i unused), or a sum of softplus(s) in acc_i."""
+    if NEG_LSE:
+        if FIXED_SHIFT:
+            acc_i += tl.sum(tl.where(neg, tl.exp(s - tclip), 0.0), axis=1)
+        else:
+            m_new = tl.maximum(m_i, tl.max(tl.where(neg, s, float("-inf")), axis=1))
+            # A row with no negative seen yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc_i = acc_i * tl.exp(m_i - m_safe) + tl.sum(
+                tl.where(neg, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
+            m_i = m_new
+    else:
+        acc_i += tl.sum(tl.where(neg, _softplus(s), 0.0), axis=1)
+    return m_i, acc_i
+
+
+@triton.jit
+def _negatives_final(m_i, acc_i, tclip, NEG_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
+    """neg_stat from _negatives_update's statistic: m + log(acc) (acc == 0, B == 1, gives -inf,
+    the defined result), or the softplus sum."""
+    if NEG_LSE:
+        if FIXED_SHIFT:
+            return tclip + tl.log(acc_i)
+        return tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(acc_i)
+    return acc_i
+
+
+@triton.jit
+def _positive_sample(pos_idx_ptr, rows, row_ok, B):
+    """pos_idx[rows] as int32, and -1 (no positives) on padded rows and wherever pos_idx lies
+    outside [0, B): the int64 value is range-checked before it is narrowed, so 2**32 + 1 does not
+    become the valid sample 1. Such a call's loss is NaN (docs/losses.md); the kernels must only
+    stay in bounds, and the gradient gathers grad_pos at the positives."""
+    p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
+    return tl.where((p >= 0) & (p < B), p, -1).to(tl.int32)
+
+
+@triton.jit
 def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr,
                 BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -123,15 +174,44 @@ def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
     return a
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32, whichever API set it. The per-backend
+    setting (torch >= 2.9, `torch.backends.cuda.matmul.fp32_precision`, "none" inheriting from
+    `torch.backends.fp32_precision`) is also what the legacy `set_float32_matmul_precision`
+    writes; `get_float32_matmul_precision()` raises once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(torch.backends, "fp32_precision"):   # torch < 2.9: only the legacy API
+        return torch.get_float32_matmul_precision() != "highest"
+    precision = matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot precision for `dtype` inputs: fp32 follows torch's fp32 matmul precision."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and fp32_matmul_allows_tf32():
         # tf32x3, not tf32: one tf32 MMA truncates its fp32 inputs, and on an H100 that made the
         # negatives' logsumexp ~10x less accurate than cuBLAS's TF32 product (biased errors add up
         # over M terms); three MMAs on the split operands are accurate to ~fp32 and still run on
         # the tensor cores.
         return "tf32x3"
     return "ieee"
+
+
+def product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False):
+    """out = a @ b, or out += a @ b (cuBLAS on CUDA), accumulated in fp32 whatever the dtypes:
+    out is fp32 or a's dtype. fp32 products follow torch's matmul precision (TF32 or not)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    elif a.is_cuda:   # 16-bit operands into fp32 (out_dtype: torch >= 2.10)
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:             # CPU tensors (the interpreter tests): the same fp32 accumulation
+        prod = a.float() @ b.float()
+        out.add_(prod) if accumulate else out.copy_(prod)
 
 
 def device_guard(x: torch.Tensor):

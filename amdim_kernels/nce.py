@@ -70,6 +70,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_fused_dtype(backend: str, x: torch.Tensor, name: str) -> None:
+    """The CUDA kernels accumulate in float32 (losses.md: float64 results need float64 math): a
+    float64 input to backend "triton" is an error naming the argument, before any work."""
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"{name} is float64 on {x.device}: the fused CUDA kernels take float16, "
+                        f"bfloat16 or float32 (accumulated in float32). For float64 results use "
+                        f"backend='reference' on the GPU, or float64 CPU tensors (the C++ kernels "
+                        f"accumulate in float64)")
+
+
 def nce_statistics(src, trg, pos_idx, tclip, neg_reduction):
     """(pos, neg_stat, sumsq) of the score matrix through the registered op (docs/design.md)."""
     from . import ops  # builds the extension on first use
@@ -117,6 +127,9 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     if backend == "reference":
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
                                   estimator=estimator, strict=strict)
+    check_fused_dtype(backend, src, src_name)
+    if backend == "triton" and not strict and not _functorch_transform() and _fused_epilogue():
+        return _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, pos_idx_given)
     neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
     with _validate.autocast_disabled(src.device):
         pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
@@ -126,6 +139,28 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
         loss = estimator_loss(estimator, pos, neg_stat, b)
         lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
     return _validate.poison((loss, lgt_reg), bad)
+
+
+def _functorch_transform() -> bool:
+    """Inside torch.func.grad / vmap / ...: those take autograd.Functions, not the loss op."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _fused_epilogue() -> bool:
+    """The loss op's fused epilogue (default), unless AMDIM_KERNELS_CUDA_EPILOGUE=torch."""
+    from . import ops
+    return ops.SELECTION.epilogue == "fused"
+
+
+def _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, check_range):
+    """The non-strict CUDA path: the whole loss in one op (nce_loss_op.py), a few launches
+    instead of nce_fwd and some twenty launches of the torch epilogue below."""
+    from . import nce_loss_op
+    with _validate.autocast_disabled(src.device):
+        loss, lgt_reg, _, _, _ = nce_loss_op.nce_loss(src.contiguous(), trg.contiguous(),
+                                                      pos_idx.contiguous(), tclip,
+                                                      float(reg_weight), estimator, check_range)
+    return loss, lgt_reg
 
 
 def estimator_loss(estimator: str, pos: torch.Tensor, neg_stat: torch.Tensor, b: int) -> torch.Tensor:
@@ -166,6 +201,7 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
         return mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=tau, alpha=alpha,
                                           detach_q=detach_q, tclip=tclip, reg_weight=reg_weight,
                                           strict=strict)
+    check_fused_dtype(backend, src_mix, "src_mix")
     from . import mixture  # registers the epilogue ops (and builds the extension) on first use
 
     n, k, d = src_mix.shape

@@ -1,8 +1,9 @@
 """Registration of the fused ops with torch.library: fake (meta) kernels and the autograd formula.
 
-The schemas and the CPU/CUDA kernels come from the C++ extension (csrc/); the Triton forward is
-registered here as the CUDA kernel of nce_fwd when Triton is importable, and the Triton backward as
-that of nce_bwd where the CUDA extension cannot be built or AMDIM_KERNELS_CUDA_BWD=triton.
+The schemas and the CPU kernels come from the C++ extension (csrc/). The CUDA kernels of nce_fwd and
+nce_bwd are registered here, where a CUDA device is present and Triton importable: each runs the
+variant (amdim_kernels/variants.py) chosen for the problem's size, among the Triton kernels and,
+where it can be built or was shipped, the CUDA C++ backward (op nce_bwd_cuda, csrc/cuda).
 
 The autograd formula is registered twice over the same two functions: on the op (so that the op
 is differentiable wherever it is called, and opcheck passes) and as `NceStatistics`, an
@@ -13,12 +14,12 @@ formula raises instead of silently giving zero; forward mode (jvp) raises too.
 """
 from __future__ import annotations
 
-import os
+import sys
 import warnings
 
 import torch
 
-from . import _extension
+from . import _extension, auto_table, variants
 from ._validate import acc_dtype
 
 _extension.load()
@@ -118,63 +119,99 @@ class NceBackward(torch.autograd.Function):
     backward = staticmethod(_no_second_derivative("amdim_kernels::nce_bwd"))
 
 
-# Which kernel backs nce_bwd on CUDA where both can: "cuda" (csrc/cuda) or "triton"
-# (triton_nce_bwd.py). The CUDA one stays the default: it is the one measured on a GPU. The Triton
-# one becomes the default only once a GPU run measures it faster and passes the GPU tests
-# (benchmarks/NOTES.md, benchmarks/gpu_check.sh).
-CUDA_BWD_ENV = "AMDIM_KERNELS_CUDA_BWD"
-_CUDA_BWD_CHOICES = ("cuda", "triton")
+# ---- the CUDA kernels: one Python kernel per op, which runs the variant chosen for the problem
+def _problem(src: torch.Tensor, trg: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
+    return src.shape[0], trg.shape[0] * trg.shape[1], src.shape[1], src.dtype
 
 
-def select_cuda_bwd(cuda_buildable: bool, choice: str | None) -> tuple[str | None, str | None]:
-    """(kernel for nce_bwd on CUDA, None) or (None, why there is none).
+def _nce_fwd_cuda(src, trg, pos_idx, tclip, neg_reduction):
+    fwd, _ = SELECTION.choose(*_problem(src, trg))
+    return _FWD_KERNELS[fwd](src, trg, pos_idx, tclip, neg_reduction)
 
-    cuda_buildable: whether the C++/CUDA extension gets its CUDA part (`_extension.cuda_buildable()`);
-    choice: the value of AMDIM_KERNELS_CUDA_BWD (None or "" when unset). Without the CUDA part the
-    Triton kernel is the only one, so a pip install of torch and triton (no CUDA toolkit) works.
+
+def _nce_bwd_cuda(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip,
+                  neg_reduction):
+    _, bwd = SELECTION.choose(*_problem(src, trg))
+    return _BWD_KERNELS[bwd](grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat,
+                             tclip, neg_reduction)
+
+
+def _cuda_cpp_bwd():
+    """The CUDA C++ backward (op nce_bwd_cuda of csrc/cuda) where it is loaded, else None."""
+    try:
+        return torch.ops.amdim_kernels.nce_bwd_cuda.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _register_cuda(cuda_available: bool | None = None,
+                   cuda_status: tuple[str | None, str | None] | None = None,
+                   fwd_choice: str | None = None, bwd_choice: str | None = None,
+                   epilogue_choice: str | None = None) -> str | None:
+    """Register the CUDA kernels of nce_fwd and nce_bwd; return why not, or None on success.
+
+    cuda_status: where the CUDA C++ backward comes from (`_extension.cuda_bwd_status`);
+    fwd_choice / bwd_choice / epilogue_choice: the values of AMDIM_KERNELS_CUDA_FWD / _BWD /
+    _EPILOGUE. They default to this machine's state (tests pass them to exercise the other
+    cases). The CUDA C++ backward is built
+    (once, cached) only when it may be chosen; a failed build leaves the Triton backwards, with
+    one message, unless AMDIM_KERNELS_CUDA_BWD=cuda asked for it: then the CUDA kernels are not
+    registered and the fused CUDA losses raise saying why.
     """
-    if choice not in (None, "", *_CUDA_BWD_CHOICES):
-        return None, f"{CUDA_BWD_ENV} must be 'cuda' or 'triton' (or unset), got {choice!r}"
-    if not cuda_buildable:
-        if choice == "cuda":
-            return None, (f"{CUDA_BWD_ENV}=cuda, but the CUDA gradient kernel cannot be built "
-                          f"(torch without CUDA, or no nvcc/CUDA_HOME)")
-        return "triton", None
-    return choice or "cuda", None
-
-
-def _register_triton_cuda(cuda_available: bool | None = None, cuda_buildable: bool | None = None,
-                          choice: str | None = None) -> str | None:
-    """Make the Triton forward the CUDA kernel of nce_fwd, and the selected kernel that of nce_bwd;
-    return why not, or None on success. The arguments default to this machine's state (tests
-    pass them to exercise the other cases)."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if not cuda_available:
         return "no CUDA device"
-    if cuda_buildable is None:
-        cuda_buildable = _extension.cuda_buildable()
-    if choice is None:
-        choice = os.environ.get(CUDA_BWD_ENV)
-    bwd, why_not = select_cuda_bwd(cuda_buildable, choice)
-    if bwd is None:
-        return why_not
+    try:
+        fwd = variants.env_choice(variants.FWD_ENV, variants.FWD_VARIANTS, fwd_choice)
+        bwd = variants.env_choice(variants.BWD_ENV, variants.BWD_VARIANTS, bwd_choice)
+        epilogue = variants.env_choice(variants.EPILOGUE_ENV, variants.EPILOGUES, epilogue_choice)
+    except ValueError as err:
+        return str(err)
     try:
         from .triton_nce_bwd import nce_bwd_triton
+        from .triton_nce_bwd_cublas import nce_bwd_triton_cublas
+        from .triton_nce_dense import nce_fwd_dense
         from .triton_nce_fwd import nce_fwd_triton
     except ImportError as err:
         return f"triton is not importable ({err})"
-    torch.library.register_kernel("amdim_kernels::nce_fwd", "cuda", nce_fwd_triton)
-    if bwd == "triton":
-        with warnings.catch_warnings():
-            # where csrc/cuda registered its kernel, replacing it is the point of the choice
-            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-            torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", nce_bwd_triton)
-    global CUDA_BWD
-    CUDA_BWD = bwd
+    if cuda_status is None:
+        capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        cuda_status = _extension.cuda_bwd_status(capabilities)
+    source, why = cuda_status
+    wanted = bwd == "cuda" or (bwd is None and any("cuda" in r["bwd"] for r in auto_table.RULES))
+    if source == "build" and wanted:
+        try:
+            _extension.load_cuda_bwd()
+        except _extension.BuildError as err:
+            source, why = None, f"building it failed:\n{err}"
+            if bwd != "cuda":
+                print(f"amdim_kernels: the CUDA C++ gradient kernel could not be built; the Triton "
+                      f"backward is used instead. {why}", file=sys.stderr, flush=True)
+    cpp_bwd = _cuda_cpp_bwd() if source is not None else None
+    if bwd == "cuda" and cpp_bwd is None:
+        return (f"{variants.BWD_ENV}=cuda, but the CUDA C++ gradient kernel cannot be used: "
+                f"{why or 'it is not loaded'}")
+    global SELECTION
+    _FWD_KERNELS.update(tiled=nce_fwd_triton, dense=nce_fwd_dense)
+    _BWD_KERNELS.clear()
+    _BWD_KERNELS.update(triton=nce_bwd_triton, triton_cublas=nce_bwd_triton_cublas)
+    if cpp_bwd is not None:
+        _BWD_KERNELS["cuda"] = cpp_bwd
+    SELECTION = variants.Selection(frozenset(_BWD_KERNELS), fwd, bwd, epilogue)
+    with warnings.catch_warnings():
+        # registering again (tests) replaces this module's own kernels: that is the point
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        torch.library.register_kernel("amdim_kernels::nce_fwd", "cuda", _nce_fwd_cuda)
+        torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", _nce_bwd_cuda)
+    # the loss op of the non-strict CUDA path: imported here, in eager code, so that a compiled
+    # loss finds it registered (ops is far enough along for its import of ops)
+    from . import nce_loss_op  # noqa: F401
     return None
 
 
-CUDA_BWD: str | None = None   # the kernel registered for nce_bwd on CUDA, once registered
-TRITON_CUDA_MISSING = _register_triton_cuda()
+_FWD_KERNELS: dict = {}
+_BWD_KERNELS: dict = {}
+SELECTION: variants.Selection | None = None   # the variants in force, once registered
+TRITON_CUDA_MISSING = _register_cuda()
 HAS_TRITON_CUDA = TRITON_CUDA_MISSING is None

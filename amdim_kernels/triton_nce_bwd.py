@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _score_tile, _sigmoid, _tanh_dtanh, check_device,
-                             device_guard, input_precision, sm_count)
+from ._triton_common import (INTERPRET, _positive_sample, _score_tile, _sigmoid, _tanh_dtanh,
+                             check_device, device_guard, input_precision, sm_count)
 
 # GPU tile configs (autotuned per shape). The accumulator is the register-hungry part: 64 x 256
 # fp32 over 8 warps is 64 registers per thread, beside the score tile and the operand tiles. The
@@ -67,6 +67,7 @@ _PROGRAMS_PER_SM = 2
 _MAX_SRC_SPLITS = 64
 _SPLIT_BYTES = 32 << 20
 _INTERPRET_SMS = 4   # stand-in SM count for the interpreter: small shapes still get several splits
+_SUM_BLOCK = 1024    # elements per program of the sum of the d src partials
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -145,11 +146,10 @@ def _nce_bwd_src_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)   # -1: padded rows have no positives
+    pidx = _positive_sample(pos_idx_ptr, rows, row_ok, M // L)   # -1: no positives in the row
     gneg = tl.load(gneg_ptr + rows, mask=row_ok, other=0.0)
     nstat = tl.load(nstat_ptr + rows, mask=row_ok, other=0.0)
     gp_base = (rows64 - pidx) * L
-    pidx = pidx.to(tl.int32)
     gsq2 = 2.0 * tl.load(gsq_ptr)
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dout_ok = dout < D
@@ -227,11 +227,10 @@ def _nce_bwd_trg_kernel(
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
+        pidx = _positive_sample(pos_idx_ptr, rows, row_ok, M // L)
         gneg = tl.load(gneg_ptr + rows, mask=row_ok, other=0.0)
         nstat = tl.load(nstat_ptr + rows, mask=row_ok, other=0.0)
         gp_base = (rows64 - pidx) * L
-        pidx = pidx.to(tl.int32)
         src_rows = src_ptr + rows64[None, :] * D
         # the score tile transposed, a^T (BLOCK_M x BLOCK_N): g^T then feeds the product as is
         at = _score_tile(y_all, trg_cols, col_ok, src_rows, row_ok, D, INPUT_PRECISION, UPCAST,
@@ -254,6 +253,18 @@ def _nce_bwd_trg_kernel(
         acc += prod
     out = out_ptr + cols64[:, None] * D + dout[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & dout_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(parts_ptr, out_ptr, S, NUMEL, BLOCK: tl.constexpr):
+    """out = sum over s of parts[s] (S x NUMEL fp32), in out's dtype: one launch where
+    parts.sum(0).to(dtype) took two."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, S):
+        acc += tl.load(parts_ptr + s * NUMEL + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def src_splits(n: int, m: int, d: int, device: torch.device) -> tuple[int, int]:
@@ -340,5 +351,8 @@ def nce_bwd_triton(grad_pos: torch.Tensor, grad_neg_stat: torch.Tensor, grad_sum
         _nce_bwd_trg_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),
                                           triton.cdiv(d, meta["BLOCK_DO"]))](
             src, trg, pos_idx, gp, gn, gs, ns, grad_trg, n, m, d, l, *scalars, **consts)
-    grad_src = src_out if splits == 1 else src_out.sum(0).to(src.dtype)
-    return grad_src, grad_trg
+        if splits > 1:
+            grad_src = torch.empty_like(src)
+            _sum_splits_kernel[(triton.cdiv(n * d, _SUM_BLOCK),)](src_out, grad_src, splits, n * d,
+                                                                  BLOCK=_SUM_BLOCK)
+    return (src_out if splits == 1 else grad_src), grad_trg

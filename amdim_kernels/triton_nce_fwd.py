@@ -20,13 +20,15 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _score_tile, _softplus, _tanh, _tanh_rational,
-                             check_device, device_guard, input_precision, sm_count)
+from ._triton_common import (INTERPRET, _clip, _negatives_final, _negatives_update,
+                             _positive_sample, _score_tile, check_device,
+                             device_guard, input_precision, sm_count)
 
 # Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
 # the default. AMDIM_KERNELS_FWD_TANH=rational: the clip's tanh as a rational function (one
@@ -118,10 +120,10 @@ def _nce_fwd_split_kernel(
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # -1 on padded rows: never equal to a sample index, so they have no positives.
-    pidx = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    # -1 on padded rows (and out-of-range pos_idx): never equal to a sample, so no positives.
+    pidx = _positive_sample(pos_idx_ptr, rows, row_ok, M // L)
     # Range of positive samples in this row block: tiles outside it skip the positive scatter.
-    p_lo = tl.min(tl.where(row_ok, pidx, M))
+    p_lo = tl.min(tl.where(pidx >= 0, pidx, M))
     p_hi = tl.max(pidx)
     src_rows = src_ptr + rows.to(tl.int64)[:, None] * D
     if ONE_CHUNK:
@@ -146,15 +148,10 @@ def _nce_fwd_split_kernel(
         a = _score_tile(x_all, src_rows, row_ok, trg_cols, col_ok, D, INPUT_PRECISION, UPCAST,
                         ONE_CHUNK, BLOCK_N, BLOCK_M, BLOCK_D)
         a = a * scale
-        # Padded rows and columns were loaded as zeros, so their a is exactly 0 here.
+        # Padded rows and columns were loaded as zeros, so their a is exactly 0 here (NaN where an
+        # Inf meets a padded zero: the sum of a^2 is non-finite then anyway, as it must be).
         sq_i += tl.sum(a * a, axis=1)
-        if CLIP:
-            if TANH_RATIONAL:
-                s = tclip * _tanh_rational(a * inv_tclip)
-            else:
-                s = tclip * _tanh(a * inv_tclip)
-        else:
-            s = a
+        s = _clip(a, tclip, inv_tclip, CLIP, TANH_RATIONAL)
         sample = cols // L
         is_pos = sample[None, :] == pidx[:, None]
         b_lo = start // L
@@ -167,32 +164,17 @@ def _nce_fwd_split_kernel(
             tl.store(pos_ptr + row_base[:, None] + tl.arange(0, BLOCK_M)[None, :], s,
                      mask=is_pos & col_ok[None, :])
         neg = (~is_pos) & col_ok[None, :]
-        if NEG_LSE:
-            if FIXED_SHIFT:
-                acc_i += tl.sum(tl.where(neg, tl.exp(s - tclip), 0.0), axis=1)
-            else:
-                m_new = tl.maximum(m_i, tl.max(tl.where(neg, s, float("-inf")), axis=1))
-                # A row with no negative seen yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                acc_i = acc_i * tl.exp(m_i - m_safe) + tl.sum(
-                    tl.where(neg, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
-                m_i = m_new
-        else:
-            acc_i += tl.sum(tl.where(neg, _softplus(s), 0.0), axis=1)
+        m_i, acc_i = _negatives_update(s, neg, m_i, acc_i, tclip, NEG_LSE, FIXED_SHIFT)
 
-    if NEG_LSE:
-        if FIXED_SHIFT:
-            m_i = tl.zeros((BLOCK_N,), tl.float32) + tclip
     if FINALIZE:
         # The merge of a single split: acc * exp(m - m) (m finite) or 0 (no negatives seen).
         tl.store(row_sq_ptr + rows, sq_i, mask=row_ok)
-        if NEG_LSE:
-            # acc == 0 (B == 1) gives log(0) = -inf, the defined result
-            neg = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(acc_i)
-        else:
-            neg = acc_i
-        tl.store(neg_stat_ptr + rows, neg, mask=row_ok)
+        tl.store(neg_stat_ptr + rows, _negatives_final(m_i, acc_i, tclip, NEG_LSE, FIXED_SHIFT),
+                 mask=row_ok)
     else:
+        if NEG_LSE:
+            if FIXED_SHIFT:
+                m_i = tl.zeros((BLOCK_N,), tl.float32) + tclip
         out = rows * num_splits + pid_s
         tl.store(part_acc_ptr + out, acc_i, mask=row_ok)
         tl.store(part_sq_ptr + out, sq_i, mask=row_ok)
@@ -257,21 +239,38 @@ def _plan(n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
     return splits, cols_per_split, block_s, max(1, 2048 // block_s)
 
 
-def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
-                   tclip: float | None, neg_reduction: str):
-    """(pos (N, L), neg_stat (N,), sumsq 0-dim), float32, exactly as docs/design.md's
-    amdim_kernels::nce_fwd. Inputs are assumed validated by the op (pos_idx in [0, B): an index
-    out of range would leave entries of `pos` unwritten). float64 is not supported here.
-    """
+def check_fwd_inputs(src, trg, pos_idx, neg_reduction, what: str) -> None:
+    """What the CUDA forwards take (the op validated everything else)."""
     if src.dtype not in (torch.float16, torch.bfloat16, torch.float32) or trg.dtype != src.dtype:
-        raise TypeError(f"the Triton nce_fwd takes float16, bfloat16 or float32 src and trg of one "
-                        f"dtype, got src {src.dtype} and trg {trg.dtype}")
+        raise TypeError(f"{what} takes float16, bfloat16 or float32 src and trg of one dtype, got "
+                        f"src {src.dtype} and trg {trg.dtype}")
     if neg_reduction not in ("logsumexp", "softplus_sum"):
         raise ValueError(f"neg_reduction must be 'logsumexp' or 'softplus_sum', got {neg_reduction!r}")
     if not (src.is_contiguous() and trg.is_contiguous() and pos_idx.is_contiguous()):
-        raise ValueError("the Triton nce_fwd needs contiguous src, trg and pos_idx")
+        raise ValueError(f"{what} needs contiguous src, trg and pos_idx")
     if pos_idx.dtype != torch.int64:
         raise TypeError(f"pos_idx must be int64, got {pos_idx.dtype}")
+
+
+class SplitStatistics(NamedTuple):
+    """What the split kernel leaves: pos (N, L); with one split the final neg_stat and row sums
+    of a^2 (N,), else per-split partials (N, S) that a merge (the merge kernel, or the fused
+    loss's finish kernel) reduces."""
+    pos: torch.Tensor
+    neg_stat: torch.Tensor
+    row_sq: torch.Tensor
+    part_max: torch.Tensor
+    part_acc: torch.Tensor
+    part_sq: torch.Tensor
+    splits: int
+    block_s: int
+    block_r: int
+
+
+def split_statistics(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
+                     tclip: float | None, neg_reduction: str) -> SplitStatistics:
+    """Launch the split kernel (one launch); neg_stat and row_sq are final only with one split."""
+    check_fwd_inputs(src, trg, pos_idx, neg_reduction, "the Triton nce_fwd")
     check_device(src, "the Triton nce_fwd")
     n, d = src.shape
     b, l, _ = trg.shape
@@ -302,9 +301,23 @@ def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
             INPUT_PRECISION=input_precision(src.dtype), UPCAST=INTERPRET,
             FINALIZE=splits == 1, TANH_RATIONAL=_TANH_CHOICE == "rational",
         )
-        if splits > 1:
-            _nce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
-                part_max, part_acc, part_sq, neg_stat, row_sq, n, splits,
-                NEG_LSE=neg_lse, BLOCK_R=block_r, BLOCK_S=block_s,
+    return SplitStatistics(pos, neg_stat, row_sq, part_max, part_acc, part_sq, splits, block_s,
+                           block_r)
+
+
+def nce_fwd_triton(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
+                   tclip: float | None, neg_reduction: str):
+    """(pos (N, L), neg_stat (N,), sumsq 0-dim), float32, exactly as docs/design.md's
+    amdim_kernels::nce_fwd. A pos_idx outside
+    [0, B) gives its row no positives (its entries of `pos` stay unwritten). float64 is not
+    supported here.
+    """
+    st = split_statistics(src, trg, pos_idx, tclip, neg_reduction)
+    if st.splits > 1:
+        n = src.shape[0]
+        with device_guard(src):
+            _nce_fwd_merge_kernel[(triton.cdiv(n, st.block_r),)](
+                st.part_max, st.part_acc, st.part_sq, st.neg_stat, st.row_sq, n, st.splits,
+                NEG_LSE=neg_reduction == "logsumexp", BLOCK_R=st.block_r, BLOCK_S=st.block_s,
             )
-    return pos, neg_stat, row_sq.sum()
+    return st.pos, st.neg_stat, st.row_sq.sum()

@@ -69,20 +69,24 @@ SWEEP = dict(nb=[128, 256, 512, 1024, 2048, 4096, 8192], l=[25, 49], d=[256, 102
              dtypes=["bfloat16", "float16", "float32"])
 RESULT_TAG = "BENCH_NCE_RESULT:"
 
-# (device, shape, dtype, name, ratio key, comparison, limit): the acceptance targets.
+# (device, shape, dtype, name, ratio key, comparison, limit): the acceptance targets (README,
+# "Performance"). The CPU ones date from the first CPU kernels; the CUDA ones are those of the
+# one-call GPU check (benchmarks/gpu_check.sh), H100/H200 in bf16.
 S_CPU, S1, S2 = (256, 256, 49, 256), (512, 512, 49, 2048), (4096, 4096, 49, 1024)
+S_D256 = (8192, 8192, 49, 256)
+AMDIM_SIZES = [(nb, nb, 49, d) for nb in (128, 256, 480) for d in (1024, 1536, 2560)]
 TARGETS = [
     ("cpu", S_CPU, "float32", "fwd+bwd speedup vs reference", "speedup_fwdbwd_vs_reference", ">=", 2.5),
     ("cpu", S_CPU, "float32", "fwd+bwd / three products", "fused_fwdbwd_over_3mm", "<=", 1.5),
     ("cpu", S_CPU, "float32", "peak extra fwd+bwd / reference's", "mem_fwdbwd_fused_over_reference", "<=", 0.1),
-    ("cuda", S1, "bfloat16", "fwd / product", "fused_fwd_over_mm", "<=", 1.5),
-    ("cuda", S2, "bfloat16", "fwd / product", "fused_fwd_over_mm", "<=", 1.5),
-    ("cuda", S1, "bfloat16", "fwd+bwd / product", "fused_fwdbwd_over_mm", "<=", 5.0),
-    ("cuda", S2, "bfloat16", "fwd+bwd / product", "fused_fwdbwd_over_mm", "<=", 5.0),
+    ("cuda", S2, "bfloat16", "fwd / product", "fused_fwd_over_mm", "<=", 1.3),
+    ("cuda", S2, "bfloat16", "fwd+bwd / product", "fused_fwdbwd_over_mm", "<=", 4.5),
     ("cuda", S2, "bfloat16", "peak extra fwd+bwd MiB", "fused_peak_extra_fwdbwd_mib", "<=", 64.0),
-    ("cuda", S1, "bfloat16", "fwd+bwd speedup vs reference", "speedup_fwdbwd_vs_reference", ">=", 3.0),
-    ("cuda", S1, "bfloat16", "fwd+bwd speedup vs compiled", "speedup_fwdbwd_vs_compiled", ">=", 1.5),
-]
+    ("cuda", S1, "bfloat16", "fwd+bwd speedup vs reference", "speedup_fwdbwd_vs_reference", ">=", 4.0),
+    ("cuda", S1, "bfloat16", "fwd+bwd speedup vs compiled", "speedup_fwdbwd_vs_compiled", ">=", 2.0),
+    ("cuda", S_D256, "bfloat16", "fwd+bwd / product", "fused_fwdbwd_over_mm", "<=", 6.0),
+] + [("cuda", shape, "bfloat16", "fwd+bwd speedup vs compiled", "speedup_fwdbwd_vs_compiled", ">=", 1.0)
+     for shape in AMDIM_SIZES]
 
 
 # ----------------------------------------------------------------------------- measuring one case
@@ -180,6 +184,10 @@ def measure_loss(case, cfg, clock, part):
         return sum(t.grad.nbytes for t in (src, trg) if t.grad is not None)
 
     rec = _record(case, input_bytes=src.nbytes + trg.nbytes)
+    if case["variant"] == "fused" and device == "cuda":   # which CUDA kernels computed it
+        from amdim_kernels import ops
+        n, b, l, d = case["shape"]
+        rec["cuda_variants"] = list(ops.SELECTION.choose(n, b * l, d, dtype)) if ops.SELECTION else None
     with backends_ran(rec):
         if part in ("time", "all"):
             first, times = clock.run(call, prepare, cfg["warmup"], cfg["repeats"])

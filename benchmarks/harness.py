@@ -255,6 +255,9 @@ def environment(device: str, argv: list, dirty_scope: tuple = ()) -> dict:
                git_dirty=None if dirty is None else bool(dirty),
                git_dirty_paths=dirty.splitlines()[:50] if dirty else [],
                command=" ".join(shlex.quote(a) for a in [sys.executable] + [str(a) for a in argv]),
+               # the kernel variants and options in force (AMDIM_KERNELS_CUDA_BWD=..., ...)
+               kernel_settings={k: v for k, v in sorted(os.environ.items())
+                                if k.startswith("AMDIM_KERNELS_")},
                utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()

@@ -1,13 +1,14 @@
 """Where the fused loss spends its GPU time: the pieces of one fwd+bwd, and the Triton forward
-under each tile config (the tuning loop of issue 6 in one call).
+under each tile config (the forward's tile-size tuning loop in one call).
 
     python benchmarks/profile_gpu.py                      # S1 and S2, bf16
     python benchmarks/profile_gpu.py --configs            # also time every forward tile config
     AMDIM_NCE_BWD_TILE_MIB=16 python benchmarks/profile_gpu.py --bwd-only
-    python benchmarks/profile_gpu.py --bwd-compare         # Triton nce_bwd against the registered one
+    python benchmarks/profile_gpu.py --bwd-compare         # every nce_bwd variant on the same inputs
 
-Prints tables; with --out writes the numbers as JSON. Times: triton.testing.do_bench medians
-(CUDA events, after warm-up, random data).
+Prints tables; with --out writes the numbers as JSON, rewritten after every measurement (a run cut
+off by a time limit keeps what it measured). Times: triton.testing.do_bench medians (CUDA events,
+after warm-up, random data).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import amdim_kernels as ak  # noqa: E402
 from amdim_kernels import ops  # noqa: E402
-from amdim_kernels import triton_nce_bwd as tnb  # noqa: E402
 from amdim_kernels import triton_nce_fwd as tnf  # noqa: E402
 
 SHAPES = {"S1": (512, 512, 49, 2048), "S2": (4096, 4096, 49, 1024),
@@ -112,10 +112,11 @@ def forward_configs(name, shape, dtype, tclip=20.0):
     return out
 
 
-def bwd_compare(name, shape, dtype, tclip=20.0):
-    """The Triton nce_bwd against the kernel registered for CUDA (csrc/cuda unless
-    AMDIM_KERNELS_CUDA_BWD=triton), on the same inputs: median ms, and their largest difference
-    relative to max |grad|. Each kernel's first call (autotuning, compilation) is not timed."""
+def bwd_compare(name, shape, dtype, tclip=20.0, record=print):
+    """Every nce_bwd variant available here (the CUDA C++ one, the Triton row/column one, the
+    Triton g + cuBLAS one) on the same inputs: median ms, the largest difference from the first
+    variant relative to max |grad|, and the peak memory beyond the gradients. Each variant's first
+    call (autotuning, compilation) is not timed. `record(row)` gets each row as it is measured."""
     n, b, l, d = shape
     src, trg, pos_idx = inputs(n, b, l, d, dtype)
     pos, neg_stat, _ = ops.nce_fwd(src, trg, pos_idx, tclip, "logsumexp")
@@ -123,16 +124,27 @@ def bwd_compare(name, shape, dtype, tclip=20.0):
     gn = torch.rand_like(neg_stat) / n
     gs = torch.tensor(1e-3 / pos.numel(), device="cuda")
     args = (gp, gn, gs, src, trg, pos_idx, neg_stat, tclip, "logsumexp")
-    registered, triton_out = ops.nce_bwd(*args), tnb.nce_bwd_triton(*args)
-    diff = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
-               for x, y in zip(triton_out, registered))
-    row = {"registered": ops.CUDA_BWD, "registered ms": ms(lambda: ops.nce_bwd(*args)),
-           "triton ms": ms(lambda: tnb.nce_bwd_triton(*args)),
-           "mm ms": ms(lambda: src @ trg.view(-1, d).T), "max rel diff": diff}
-    print(f"{name} {shape} {dtype}: registered ({row['registered']}) {row['registered ms']:.3f} ms, "
-          f"triton {row['triton ms']:.3f} ms, product {row['mm ms']:.3f} ms, "
-          f"max rel diff {diff:.2e}", flush=True)
-    return row
+    mm = ms(lambda: src @ trg.view(-1, d).T)
+    first = None
+    for variant, kernel in ops._BWD_KERNELS.items():
+        out = kernel(*args)   # autotune, compile
+        first = first or out
+        diff = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
+                   for x, y in zip(out, first))
+        del out
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        grads = kernel(*args)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before - sum(g.nbytes for g in grads)) / 2**20
+        del grads
+        t = ms(lambda: kernel(*args))
+        row = {"shape": name, "variant": variant, "ms": t, "mm ms": mm, "over mm": t / mm,
+               "max rel diff vs first": diff, "peak extra MiB": peak}
+        print(f"{name} {shape} {dtype} {variant:14s} {t:8.3f} ms = {t / mm:5.2f}x the product "
+              f"({mm:.3f} ms), peak extra {peak:7.1f} MiB, max rel diff {diff:.2e}", flush=True)
+        record(row)
 
 
 def main():
@@ -142,7 +154,7 @@ def main():
     p.add_argument("--configs", action="store_true", help="time the Triton forward under every tile config")
     p.add_argument("--bwd-only", action="store_true", help="only the nce_bwd op (for tile-size sweeps)")
     p.add_argument("--bwd-compare", action="store_true",
-                   help="time the Triton nce_bwd against the registered CUDA one")
+                   help="time every nce_bwd variant (CUDA C++, Triton, Triton g + cuBLAS) on the same inputs")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -150,11 +162,21 @@ def main():
           "bwd tile MiB", os.environ.get("AMDIM_NCE_BWD_TILE_MIB", "32 (default)"))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "commit": os.environ.get("AMDIM_COMMIT"),
-              "bwd_tile_mib": os.environ.get("AMDIM_NCE_BWD_TILE_MIB", "32"), "dtype": args.dtype}
+              "bwd_tile_mib": os.environ.get("AMDIM_NCE_BWD_TILE_MIB", "32"), "dtype": args.dtype,
+              "variants": ops.SELECTION.describe() if ops.SELECTION else None, "bwd_compare": []}
+
+    def save():
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+
+    def record(row):
+        result["bwd_compare"].append(row)
+        save()
+
     for name in args.shapes:
         shape = SHAPES[name]
         if args.bwd_compare:
-            result[name] = {"bwd_compare": bwd_compare(name, shape, dtype)}
+            bwd_compare(name, shape, dtype, record=record)
             continue
         if args.bwd_only:
             n, b, l, d = shape
@@ -165,12 +187,11 @@ def main():
             mm = ms(lambda: src @ trg.view(-1, d).T)
             print(f"{name}: nce_bwd {t:.3f} ms = {t / mm:.2f}x the product ({mm:.3f} ms)")
             result[name] = {"nce_bwd": t, "mm": mm}
-            continue
-        result[name] = {"pieces": pieces(name, shape, dtype)}
-        if args.configs:
-            result[name]["forward_configs"] = forward_configs(name, shape, dtype)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        else:
+            result[name] = {"pieces": pieces(name, shape, dtype)}
+            if args.configs:
+                result[name]["forward_configs"] = forward_configs(name, shape, dtype)
+        save()
 
 
 if __name__ == "__main__":

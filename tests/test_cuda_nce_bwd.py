@@ -1,5 +1,5 @@
-"""The CUDA nce_bwd (csrc/cuda): compile checks and a host run of the kernel math where nvcc is
-present, and accuracy / memory checks against float64 autograd on a GPU."""
+"""The CUDA C++ nce_bwd (csrc/cuda, op nce_bwd_cuda): compile checks and a host run of the kernel
+math where nvcc is present, and accuracy / memory checks against float64 autograd on a GPU."""
 import ctypes
 import math
 import pathlib
@@ -155,10 +155,16 @@ def test_tile_math_on_host(host_tile, case, neg_reduction, tclip, storage):
 # ---- the op on a GPU ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def nce_bwd():
-    from amdim_kernels import ops
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("amdim_kernels::nce_bwd", "CUDA"), \
-        "amdim_kernels::nce_bwd has no CUDA kernel: the extension was built without csrc/cuda"
-    return ops.nce_bwd
+    """The CUDA C++ backward itself (op nce_bwd_cuda), not the CUDA kernel of nce_bwd: that one
+    runs whichever variant is chosen, and without nvcc it is a Triton kernel, which these tests'
+    expectations (its errors, its fp16 host read) do not describe. Skipped where it cannot be had."""
+    from amdim_kernels import _extension, ops
+    if ops._cuda_cpp_bwd() is None:
+        source, why = _extension.cuda_bwd_status([torch.cuda.get_device_capability()])
+        if source != "build":
+            pytest.skip(f"the CUDA C++ backward (csrc/cuda) is not available here: {why}")
+        _extension.load_cuda_bwd()
+    return ops._cuda_cpp_bwd()
 
 
 def input_grads(src, trg, pos_idx, tclip, neg_reduction, grads):
@@ -211,8 +217,9 @@ def test_matches_float64_autograd(nce_bwd, shape, neg_reduction, tclip, dtype):
         assert torch.isfinite(o).all(), name
         assert rel_err(o, t) <= 2 * rel_err(p, t) + TOL[dtype], \
             f"{name}: error {rel_err(o, t):.3g}, plain torch {rel_err(p, t):.3g}"
-    if dtype == torch.float32:   # the same op's CPU kernel
-        cpu = nce_bwd(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in args])
+    if dtype == torch.float32:   # the CPU kernel of nce_bwd
+        from amdim_kernels import ops
+        cpu = ops.nce_bwd(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in args])
         for name, o, c, p in zip(("grad_src", "grad_trg"), ours, cpu, plain):
             t = c.double().to(dev)   # two fp32 results, each allowed 2x plain torch + TOL
             assert rel_err(o, t) <= 2 * (2 * rel_err(p, t) + TOL[dtype]), name

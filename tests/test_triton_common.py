@@ -72,3 +72,41 @@ def test_softplus_and_sigmoid(values):
     xd = x.double()
     assert ulps(v["softplus"], torch.nn.functional.softplus(xd, threshold=1e9)) < 4
     assert ulps(v["sigmoid"], torch.sigmoid(xd)) < 4
+
+
+# ---- the fp32 dot precision follows torch's, whichever API set it ------------------------------
+@pytest.fixture
+def matmul_precision():
+    """Restore torch's fp32 matmul precision, legacy and per-backend settings alike."""
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    yield
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("setting,expected", [
+    (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+    (lambda: torch.set_float32_matmul_precision("high"), "tf32x3"),
+    (lambda: torch.set_float32_matmul_precision("medium"), "tf32x3"),
+    # the per-backend API (torch >= 2.9): after it, torch.get_float32_matmul_precision() raises
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32x3"),
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "ieee"),
+    (lambda: setattr(torch.backends, "fp32_precision", "tf32"), "tf32x3"),
+])
+def test_input_precision_follows_every_precision_api(setting, expected, matmul_precision):
+    setting()
+    assert tc.input_precision(torch.float32) == expected
+    assert tc.input_precision(torch.bfloat16) == tc.input_precision(torch.float16) == "ieee"
+
+
+def test_fp32_kernels_run_under_the_per_backend_precision_api(matmul_precision):
+    """Every fp32 launch reads the precision: a forward and a backward under the new API."""
+    from amdim_kernels.triton_nce_bwd import nce_bwd_triton
+    from amdim_kernels.triton_nce_fwd import nce_fwd_triton
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    g = torch.Generator().manual_seed(0)
+    src, trg = torch.randn(5, 8, generator=g).to(DEVICE), torch.randn(3, 2, 8, generator=g).to(DEVICE)
+    pos_idx = torch.tensor([0, 1, 2, 0, 1], device=DEVICE)
+    pos, neg_stat, sumsq = nce_fwd_triton(src, trg, pos_idx, 20.0, "logsumexp")
+    grads = nce_bwd_triton(torch.ones_like(pos), torch.ones_like(neg_stat), torch.ones_like(sumsq),
+                           src, trg, pos_idx, neg_stat, 20.0, "logsumexp")
+    assert all(torch.isfinite(x).all() for x in (pos, neg_stat, sumsq, *grads))

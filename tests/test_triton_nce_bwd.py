@@ -1,5 +1,4 @@
-"""The Triton backward of nce_bwd (amdim_kernels/triton_nce_bwd.py) and its selection as the CUDA
-kernel of nce_bwd (amdim_kernels/ops.py).
+"""The Triton row/column backward of nce_bwd (amdim_kernels/triton_nce_bwd.py).
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py);
 16-bit dots are upcast to fp32 there (the interpreter's bf16 tl.dot is wrong), after g is rounded
@@ -129,14 +128,16 @@ def test_fp16_keeps_gradients_below_its_normal_range():
 
 
 # ---- the whole loss: Triton forward, autograd's composition, Triton backward ----------------
-def triton_loss_grads(src, trg, pos_idx, compose, tclip, neg_reduction):
-    """d loss / d (src, trg) with the Triton nce_fwd / nce_bwd, and `compose` (pos, neg_stat,
-    sumsq) -> loss in between, as ops.py's autograd formula wires them."""
+def triton_loss_grads(src, trg, pos_idx, compose, tclip, neg_reduction, backward=None):
+    """d loss / d (src, trg) with the Triton nce_fwd and `backward` (default: the Triton nce_bwd),
+    and `compose` (pos, neg_stat, sumsq) -> loss in between, as ops.py's autograd formula wires
+    them."""
     from amdim_kernels.triton_nce_fwd import nce_fwd_triton
     stats = [x.requires_grad_() for x in nce_fwd_triton(src, trg, pos_idx, tclip, neg_reduction)]
     grads = torch.autograd.grad(compose(*stats), stats, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(stats, grads)]
-    return tnb.nce_bwd_triton(*grads, src, trg, pos_idx, stats[1].detach(), tclip, neg_reduction)
+    return (backward or tnb.nce_bwd_triton)(*grads, src, trg, pos_idx, stats[1].detach(), tclip,
+                                            neg_reduction)
 
 
 @pytest.mark.parametrize("estimator", ["nce", "jsd", "dv"])
@@ -198,6 +199,41 @@ def test_saturated_scores_get_the_true_gradient_through_the_clip():
     assert_relative_to_each_element(got, src, trg, pos_idx, tclip, grads, 1e-3)
 
 
+_OUT_OF_RANGE_SCRIPT = textwrap.dedent(r"""
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_cuda_nce_bwd import input_grads, problem, statistics
+    from amdim_kernels.triton_nce_bwd import nce_bwd_triton
+    from amdim_kernels.triton_nce_fwd import nce_fwd_triton
+    src64, trg64, _, grads = problem(4, 3, 5, 6, seed=1)
+    pos_idx = torch.tensor([0, 1, 2, 2**32 + 1])   # int32 truncation of the last is 1, a valid sample
+    src, trg = src64.float(), trg64.float()
+    pos, neg_stat, sumsq = nce_fwd_triton(src, trg, pos_idx, 20.0, "logsumexp")
+    ours = nce_bwd_triton(*[g.float() for g in grads], src, trg, pos_idx, neg_stat, 20.0, "logsumexp")
+    # the kernels' contract: a row whose pos_idx is outside [0, B) has no positives at all
+    no_pos = torch.tensor([0, 1, 2, -1])
+    a = (src64 @ trg64.reshape(-1, 6).T / 6 ** 0.5).view(4, 3, 5)
+    truth_neg = statistics(a, no_pos.clamp(min=0), 20.0, "logsumexp")[1]
+    s = 20.0 * torch.tanh(a[3] / 20.0)
+    print(repr([float(neg_stat[3] - s.logsumexp((0, 1))), float((neg_stat[:3] - truth_neg[:3]).abs().max())]))
+""")
+
+
+def test_pos_idx_outside_int32_is_out_of_range_not_wrapped():
+    """pos_idx = 2**32 + 1 wraps to 1 in int32: the backward gathered grad_pos at (i - pos_idx) * L
+    (an address 2**32 * L below the tensor: a segfault under the interpreter, an illegal address
+    on a GPU). Both kernels must treat it as what it is, out of range: no positives in that row.
+    Run in a child process, so that a crash is a failure, not the end of the test session."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE_SCRIPT, os.path.join(ROOT, "tests")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    last_row, others = eval(proc.stdout.strip().splitlines()[-1])
+    assert abs(last_row) < 1e-4     # every column of row 3 is a negative
+    assert others < 1e-4
+
+
 def test_rejects_bad_arguments():
     src64, trg64, pos_idx, grads = problem(4, 3, 2, 5, seed=0)
     src, trg = src64.float().to(DEVICE), trg64.float().to(DEVICE)
@@ -215,64 +251,7 @@ def test_rejects_bad_arguments():
         tnb.nce_bwd_triton(gp, gn, gs, src, trg, pos_idx.int(), ns, 20.0, "logsumexp")
 
 
-# ---- which kernel backs nce_bwd on CUDA ---------------------------------------------------------
-def test_select_cuda_bwd():
-    from amdim_kernels.ops import select_cuda_bwd
-    # without the CUDA part of the extension (pip torch + triton, no toolkit): Triton
-    assert select_cuda_bwd(False, None) == ("triton", None)
-    assert select_cuda_bwd(False, "") == ("triton", None)
-    assert select_cuda_bwd(False, "triton") == ("triton", None)
-    kernel, why = select_cuda_bwd(False, "cuda")
-    assert kernel is None and "cannot be built" in why
-    # with it: the measured CUDA kernel unless asked otherwise
-    assert select_cuda_bwd(True, None) == ("cuda", None)
-    assert select_cuda_bwd(True, "cuda") == ("cuda", None)
-    assert select_cuda_bwd(True, "triton") == ("triton", None)
-    for buildable in (True, False):
-        kernel, why = select_cuda_bwd(buildable, "Triton")
-        assert kernel is None and "AMDIM_KERNELS_CUDA_BWD must be 'cuda' or 'triton'" in why
-
-
-_REGISTER_SCRIPT = textwrap.dedent(r"""
-    import sys, warnings, torch
-    from amdim_kernels import ops
-    has = lambda op: torch._C._dispatch_has_kernel_for_dispatch_key(f"amdim_kernels::{op}", "CUDA")
-    cuda_buildable, choice = sys.argv[1] == "1", sys.argv[2] or None
-    before = (has("nce_fwd"), has("nce_bwd"))
-    if cuda_buildable:   # stand in for the kernel csrc/cuda would have registered
-        torch.library.register_kernel("amdim_kernels::nce_bwd", "cuda", lambda *args: None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        why = ops._register_triton_cuda(cuda_available=True, cuda_buildable=cuda_buildable,
-                                        choice=choice)
-    from amdim_kernels.triton_nce_bwd import nce_bwd_triton
-    print(repr((before, why, ops.CUDA_BWD, has("nce_fwd"), has("nce_bwd"),
-                [str(w.message) for w in caught])))
-""")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks registration on a machine without CUDA")
-@pytest.mark.parametrize("cuda_buildable,choice,registered", [
-    (False, "", "triton"), (False, "triton", "triton"), (False, "cuda", None), (True, "", "cuda"),
-    (True, "triton", "triton")])
-def test_registration_without_the_cuda_extension(cuda_buildable, choice, registered):
-    """What _register_triton_cuda registers, run in a fresh process (registration is global) on a
-    CPU-only torch, whose extension has no CUDA kernels of its own."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env.pop("AMDIM_KERNELS_CUDA_BWD", None)
-    proc = subprocess.run([sys.executable, "-c", _REGISTER_SCRIPT, str(int(cuda_buildable)), choice],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    before, why, kernel, fwd, bwd, caught = eval(proc.stdout.strip().splitlines()[-1])
-    assert before == (False, False)
-    assert kernel == registered
-    assert not caught   # replacing the CUDA kernel (AMDIM_KERNELS_CUDA_BWD=triton) is silent
-    if registered is None:
-        assert "cannot be built" in why and not fwd and not bwd
-    else:
-        assert why is None and fwd
-        # without the CUDA part, nothing but the Triton kernel can back nce_bwd on CUDA
-        assert bwd == (registered == "triton" or cuda_buildable)
+# (which kernel backs nce_bwd on CUDA: tests/test_cuda_path.py)
 
 
 # ---- sm_90 compilation without a GPU ----------------------------------------------------------

@@ -1,4 +1,7 @@
-// CUDA kernel of amdim_kernels::nce_bwd (schema in csrc/nce.cpp, math in docs/design.md).
+// The CUDA C++ backward: op amdim_kernels::nce_bwd_cuda, with nce_bwd's schema (csrc/nce.cpp) and
+// math (docs/design.md). It is an op of its own, built apart from the CPU extension and only where
+// it is used (amdim_kernels/_extension.py): the CUDA kernel of nce_bwd (amdim_kernels/ops.py) calls
+// it, or one of the Triton backwards, by the variant chosen for the problem.
 //
 // The N x M score matrix is walked in tiles of at most kTileBytes of scratch, columns outer and
 // rows inner (one row tile whenever N is moderate, e.g. N = 4096 at D = 1024). Per tile:
@@ -215,6 +218,12 @@ std::tuple<at::Tensor, at::Tensor> nce_bwd_cuda(const at::Tensor& grad_pos,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(amdim_kernels, CUDA, m) { m.impl("nce_bwd", &nce_bwd_cuda); }
+TORCH_LIBRARY_FRAGMENT(amdim_kernels, m) {
+  m.def("nce_bwd_cuda(Tensor grad_pos, Tensor grad_neg_stat, Tensor grad_sumsq, Tensor src, "
+        "Tensor trg, Tensor pos_idx, Tensor neg_stat, float? tclip, str neg_reduction) "
+        "-> (Tensor grad_src, Tensor grad_trg)");
+}
+
+TORCH_LIBRARY_IMPL(amdim_kernels, CUDA, m) { m.impl("nce_bwd_cuda", &nce_bwd_cuda); }
 
 }  // namespace amdim_kernels

@@ -1,0 +1,155 @@
+"""benchmarks/gpu_check.sh (one GPU call of at most 480 s) and benchmarks/auto_table.py (the
+backend="auto" table from its results), checked without a GPU."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import auto_table  # noqa: E402
+
+STEPS = ["env", "build", "tests", "bwd-ops", "targets", "amdim", "largest", "table", "sweep"]
+
+
+def run(*args, env=None, timeout=120):
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_plan_lists_every_step_in_priority_order_within_480_s():
+    proc = run("--plan")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    rows = [re.match(r"(\S+)\s+(\d+)\s+(.+)", x) for x in lines[1:-1]]
+    assert [r.group(1) for r in rows] == STEPS
+    assert all(r.group(3).strip() for r in rows)   # each says what it answers
+    total = re.match(r"total (\d+) s of (\d+) \(limits \+ (\d+) s grace per step\)", lines[-1])
+    grace = int(total.group(3))
+    assert int(total.group(1)) == sum(int(r.group(2)) + grace for r in rows)
+    assert int(total.group(1)) <= int(total.group(2)) == 480
+    # correctness before speed: the GPU tests take at most ~3 minutes and come right after the build
+    limits = {r.group(1): int(r.group(2)) for r in rows}
+    assert limits["tests"] <= 180
+
+
+def test_unknown_steps_are_refused():
+    proc = run("tests", "bench")
+    assert proc.returncode == 2 and "unknown step 'bench'" in proc.stderr
+
+
+# ---- the table ----------------------------------------------------------------------------------
+def bench_file(path, records):
+    path.write_text(json.dumps({"records": records}))
+
+
+def fused(shape, variants, ms, dtype="bfloat16"):
+    return dict(variant="fused", mode="fwd+bwd", status="ok", shape=list(shape), dtype=dtype,
+                cuda_variants=list(variants), median_s=ms / 1e3)
+
+
+def junit(path, failures=0, tests=40):
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="{tests}" '
+                    f'failures="{failures}" errors="0" skipped="2"></testsuite></testsuites>')
+
+
+@pytest.fixture
+def results(tmp_path):
+    (tmp_path / "env.json").write_text(json.dumps({"commit": "abc123", "gpu": "NVIDIA H200"}))
+    small, s2 = (128, 128, 49, 1024), (4096, 4096, 49, 1024)
+    bench_file(tmp_path / "bench_targets_default.json",
+               [fused(small, ("tiled", "cuda"), 1.5), fused(s2, ("tiled", "cuda"), 20.0)])
+    bench_file(tmp_path / "bench_targets_triton_cublas.json",
+               [fused(small, ("tiled", "triton_cublas"), 1.2), fused(s2, ("tiled", "triton_cublas"), 12.0),
+                dict(fused(s2, ("tiled", "triton"), 1.0), status="error")])     # a failure: ignored
+    # dense wins at both, but S2's 4096 x 200704 fp32 scores (3 GiB) are not "cheap to hold"
+    bench_file(tmp_path / "bench_amdim_dense.json",
+               [fused(small, ("dense", "triton_cublas"), 0.9), fused(s2, ("dense", "triton_cublas"), 5.0)])
+    return tmp_path
+
+
+def load(text, tmp_path):
+    path = tmp_path / "table_module.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("table_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_picks_the_fastest_measured_variant_per_size(results):
+    from amdim_kernels.variants import table_choice
+    junit(results / "gpu_tests.xml")
+    text, how = auto_table.build_table(results)
+    table = load(text, results)
+    assert table.MEASURED["commit"] == "abc123" and "2 measured rules" in how
+    every = frozenset({"cuda", "triton", "triton_cublas"})
+    bf16 = torch.bfloat16
+    assert table_choice(128, 128 * 49, 1024, bf16, every, table.RULES) == ("dense", "triton_cublas")
+    assert table_choice(4096, 4096 * 49, 1024, bf16, every, table.RULES) == ("tiled", "triton_cublas")
+    # sizes and dtypes nobody measured keep today's defaults
+    assert table_choice(4096, 4096 * 49, 256, bf16, every, table.RULES) == ("tiled", "cuda")
+    assert table_choice(128, 128 * 49, 1024, torch.float32, every, table.RULES) == ("tiled", "cuda")
+    assert table.RULES[-1] == auto_table.DEFAULT_RULE
+
+
+def test_no_default_changes_without_passing_gpu_tests(results):
+    junit(results / "gpu_tests.xml", failures=1)
+    text, how = auto_table.build_table(results)
+    assert load(text, results).MEASURED is None and "1 failures" in how
+    (results / "gpu_tests.xml").unlink()      # the tests step was cut off: no verdict
+    text, how = auto_table.build_table(results)
+    assert load(text, results).RULES == [auto_table.DEFAULT_RULE] and "did not finish" in how
+
+
+def test_committed_table_is_the_scripts_output():
+    """amdim_kernels/auto_table.py is written by the script, never by hand."""
+    from amdim_kernels import auto_table as committed
+    text = (ROOT / "amdim_kernels" / "auto_table.py").read_text()
+    if committed.MEASURED is None:
+        assert text == auto_table.render([], None)
+    else:
+        rules = committed.RULES[:-1]
+        assert text == auto_table.render(rules, committed.MEASURED)
+
+
+def test_the_table_step_runs_alone_and_records_itself(results, tmp_path):
+    """The step runner without a GPU: the table step, its log, steps.tsv, the plan beside them."""
+    junit(results / "gpu_tests.xml")
+    proc = run("table", env={"OUT": str(results)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = (results / "steps.tsv").read_text().splitlines()
+    assert steps[0].split("\t") == ["step", "status", "seconds", "limit"]
+    assert steps[1].split("\t")[:2] == ["table", "ok"] and len(steps) == 2
+    assert "MEASURED = {" in (results / "auto_table.py").read_text()
+    assert "measured rules" in (results / "table.log").read_text()
+    assert (results / "plan.txt").read_text().startswith("step")
+
+
+def test_train_gpu_reads_the_epoch_record_from_metrics_jsonl(tmp_path):
+    """The trainer writes its epoch records to metrics.jsonl, not to stdout (the script used to
+    grep stdout and always reported failure)."""
+    from amdim.metrics import METRICS
+    metrics = tmp_path / METRICS
+    records = [{"kind": "train", "step": 0, "loss": 3.0},
+               {"kind": "epoch", "epoch": 1, "images_per_s": 10.0},
+               {"kind": "train", "step": 1, "loss": 2.0},
+               {"kind": "epoch", "epoch": 2, "images_per_s": 12.5, "peak_gpu_mib": 1100.0}]
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    script = ROOT / "benchmarks" / "train_gpu.sh"
+    proc = subprocess.run(["bash", str(script), "--last-epoch", str(metrics)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == records[-1]
+    missing = subprocess.run(["bash", str(script), "--last-epoch", str(tmp_path / "none.jsonl")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 0 and missing.stdout == ""
