@@ -194,10 +194,10 @@ def check_architecture(saved: dict, current: dict, what: str) -> None:
 def build_model(arch: dict, n_classes: int) -> torch.nn.Module:
     """A fresh model of the architecture `arch` (see `architecture`)."""
     if arch["method"] == "dim":
-        from .dim import DIM
+        from .dim_model import DIM
         return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"],
                    local_arch=arch["local_arch"] or "dot", prior=arch["prior"], use_global=arch["global_critic"],
                    use_local=arch["local_critic"])
-    from .model import AMDIM
+    from .amdim_model import AMDIM
     return AMDIM(arch["image_size"], arch["ndf"], arch["n_rkhs"], arch["n_depth"], arch["use_bn"],
                  n_classes, arch["n_mix"] or 1)

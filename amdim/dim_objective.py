@@ -1,4 +1,4 @@
-"""The Deep InfoMax objective (docs/losses.md, sections 4 and 5) for amdim.dim.DIM.
+"""The Deep InfoMax objective (docs/losses.md, sections 4 and 5) for amdim.dim_model.DIM.
 
 loss = -(alpha * I_G + beta * I_L) + gamma * (prior generator term) + (prior discriminator's loss),
 arranged so that one backward() gives every player its own gradient (see DIMObjective).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import amdim_kernels as ak
 
-from .dim import LOCAL_ARCHS, PRIORS
+from .dim_model import LOCAL_ARCHS, PRIORS
 from .distributed import gather_rows, world_info
 
 ESTIMATORS = ("jsd", "nce", "dv")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, checkpoint, data
+from . import checkpoint
+from .data import augment, datasets as data
 from .distributed import pick_device
 
 FEATURES = ("trained", "random", "pixels")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from . import augment
-from .objective import MultiscaleNCE, mixture_fn, nce_fn
+from .data import augment
+from .amdim_objective import MultiscaleNCE, mixture_fn, nce_fn
 
 
 def _finite(tensors) -> bool:

@@ -3,7 +3,7 @@
 gloo on CPU). The defaults train AMDIM on the built-in digits dataset in about a minute on an
 idle 2-core CPU; `--method dim` trains Deep InfoMax (DIM(L) by default, `--dim-preset G` for DIM(G)).
 
-Every rank scores its sources against the targets of the global batch (amdim/objective.py), so K
+Every rank scores its sources against the targets of the global batch (amdim/amdim_objective.py), so K
 processes with --batch-size B train exactly as one process with --batch-size B would.
 """
 from __future__ import annotations
@@ -21,15 +21,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import augment, checkpoint, data
+from . import checkpoint, run_dir
+from .data import augment, datasets as data
 from .checkpoint import CHECKPOINT, METHODS
 from .distributed import agree, convert_batchnorm, init_distributed, pick_device
 from .evaluate import image_batches
 from .metrics import METRICS, MetricsLog, Progress, epoch_line
 from .methods import make_step
-from .model import ENCODER_SIZES, AMDIM  # noqa: F401  (AMDIM: re-exported for scripts)
+from .amdim_model import ENCODER_SIZES
 from .dim_objective import PRESETS as DIM_PRESETS
-from .objective import COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, parse_costs
+from .amdim_objective import COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, parse_costs
 
 EXIT_NON_FINITE = 3
 EXIT_IO = 4
@@ -204,82 +205,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def prepare_out_dir(args, rank: int) -> str:
-    """Check --out-dir before any training: writable, and not holding another run unless --resume
-    continues that run or --overwrite replaces it. Returns the checkpoint path."""
-    out = args.out_dir
-    ck_path = os.path.join(out, CHECKPOINT)
-    held = [f for f in (CHECKPOINT, METRICS) if os.path.exists(os.path.join(out, f))]
-    resuming_here = bool(args.resume) and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path)
-    if held and not args.overwrite and not resuming_here:
-        cont = f"--resume {ck_path} to continue it, " if CHECKPOINT in held else ""
-        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): pass {cont}"
-                         f"--overwrite to replace it, or another --out-dir")
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-            probe = os.path.join(out, f".write-test{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"--out-dir {out!r} is not a writable directory ({e.strerror or e})") from None
-        _lock_out_dir(out)
-        checkpoint.remove_stale_temporaries(out)
-    return ck_path
-
-
-def clear_replaced_run(args, rank: int) -> None:
-    """With --overwrite (set-up having succeeded), remove the earlier run's checkpoint and metrics,
-    also when this run resumes from a checkpoint elsewhere; a resume in place keeps its metrics."""
-    ck_path = os.path.join(args.out_dir, CHECKPOINT)
-    if rank != 0 or not args.overwrite:
-        return
-    if args.resume and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path):
-        return
-    for f in (CHECKPOINT, METRICS):
-        if os.path.exists(os.path.join(args.out_dir, f)):
-            os.remove(os.path.join(args.out_dir, f))
-
-
-_OUT_DIR_LOCKS = {}   # out dir -> open lock file, held while this process trains there
-
-
-def _lock_out_dir(out: str) -> None:
-    """One trainer per --out-dir: an flock the OS releases when the process ends, however it ends."""
-    import fcntl
-    key = os.path.realpath(out)
-    if key in _OUT_DIR_LOCKS:
-        return
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ValueError(f"--out-dir {out!r} is in use by a running amdim.train ({holder}): wait for "
-                         f"it, or pick another --out-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}")
-    f.flush()
-    _OUT_DIR_LOCKS[key] = f
-
-
-def _unlock_out_dir(out: str) -> None:
-    """Release the lock; remove it, and the directory if a failed set-up left it empty."""
-    f = _OUT_DIR_LOCKS.pop(os.path.realpath(out), None)
-    if f is None:
-        return
-    os.remove(f.name)
-    f.close()
-    try:
-        os.rmdir(out)   # only succeeds when nothing was written
-    except OSError:
-        pass
-
-
 @dataclass
 class Run:
     """Everything one training run holds, built by `setup`."""
@@ -346,7 +271,7 @@ def setup(args, rank, world, local_rank) -> Run:
     if args.data_path is not None:   # stored absolute: amdim.evaluate may run from another directory
         args.data_path = os.path.abspath(args.data_path)
     ck = checkpoint.load(args.resume, "--resume") if args.resume else None
-    ck_path = prepare_out_dir(args, rank)
+    ck_path = run_dir.prepare(args.out_dir, args.resume, args.overwrite, rank)
     ds = data.load(args.dataset, args.data_path, args.image_size)
     size = args.image_size or data.NATURAL_SIZE[args.dataset]
     n_train = len(ds.train)
@@ -371,7 +296,7 @@ def setup(args, rank, world, local_rank) -> Run:
               make_step(args, size), aug_gen, arch, ck_path, MetricsLog(args.out_dir, rank == 0))
     if ck is not None:
         _restore(run, ck)
-    clear_replaced_run(args, rank)
+    run_dir.clear_replaced(args.out_dir, args.resume, args.overwrite, rank)
     if world > 1:
         # BatchNorm over the global batch, so K processes match one process exactly
         convert_batchnorm(model)
@@ -569,7 +494,7 @@ def run(args) -> dict:
         return summary
     finally:
         if args.out_dir:
-            _unlock_out_dir(args.out_dir)
+            run_dir.release(args.out_dir)
         if world > 1:
             dist.destroy_process_group()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from amdim import data
+from amdim.data import datasets as data
 
 
 def _cifar_record(name, x, labels, file):

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amdim import augment
+from amdim.data import augment
 from amdim.distributed import convert_batchnorm
-from amdim.model import AMDIM
-from amdim.objective import MultiscaleNCE, nce_fn, parse_costs
+from amdim.amdim_model import AMDIM
+from amdim.amdim_objective import MultiscaleNCE, nce_fn, parse_costs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_B = 8

@@ -4,9 +4,9 @@ reference loss, and the batched augmentation."""
 import pytest
 import torch
 
-from amdim import augment
-from amdim.model import AMDIM, Encoder
-from amdim.objective import MultiscaleNCE, mixture_fn, nce_fn, parse_costs
+from amdim.data import augment
+from amdim.amdim_model import AMDIM, Encoder
+from amdim.amdim_objective import MultiscaleNCE, mixture_fn, nce_fn, parse_costs
 from amdim_kernels.reference import mixture_nce_loss_reference, nce_loss_reference
 
 

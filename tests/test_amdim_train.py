@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from amdim import evaluate, train
+from amdim import evaluate, metrics, train
+from amdim.amdim_model import AMDIM
 
 TINY = ["--ndf", "4", "--n-rkhs", "16", "--n-depth", "1", "--batch-size", "32", "--no-eval", "--log-every", "1"]
 
@@ -49,7 +50,7 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     assert rest["losses"] == full["losses"][2:]          # bit-identical continuation
     assert len(set(full["losses"])) == 6
     # the checkpoint holds the trained weights: a fresh model loaded from it gives the same features
-    model = train.AMDIM(32, 4, 16, 1, False, 10)
+    model = AMDIM(32, 4, 16, 1, False, 10)
     model.load_state_dict(torch.load(out / train.CHECKPOINT, weights_only=False)["model"])
     assert torch.isfinite(model.encoder(torch.zeros(2, 3, 32, 32))[0]).all()
 
@@ -58,7 +59,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
     common = ["--epochs", "2", "--steps-per-epoch", "4", "--seed", "1"]
     full, _ = _run(tmp_path, *common, name="full")
     # interrupt after the third step; the handler saves at the next step boundary
-    orig_write = train.MetricsLog.write
+    orig_write = metrics.MetricsLog.write
 
     def write(self, record, step):
         orig_write(self, record, step)
@@ -68,12 +69,12 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
             sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
             sender.start()
             sender.join()
-    train.MetricsLog.write = write
+    metrics.MetricsLog.write = write
     try:
         with pytest.raises(train.Stop) as stop:
             _run(tmp_path, *common, name="cut")
     finally:
-        train.MetricsLog.write = orig_write
+        metrics.MetricsLog.write = orig_write
     assert stop.value.code == 128 + signal.SIGINT and "SIGINT" in str(stop.value)
     ck = torch.load(tmp_path / "cut" / train.CHECKPOINT, weights_only=False)
     assert (ck["epoch"], ck["step"]) == (0, 3)
@@ -161,7 +162,7 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path):
 
 def test_progress_falls_back_to_lines_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)          # makes `from tqdm import tqdm` fail
-    bar = train.Progress(4, "epoch 1/1", True, log_every=2)
+    bar = metrics.Progress(4, "epoch 1/1", True, log_every=2)
     for _ in range(4):
         bar.update(1, {"nce": 7.25, "img/s": 100.0})
     bar.close()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from amdim.dim import DIM
+from amdim.dim_model import DIM
 from amdim.distributed import convert_batchnorm
 from amdim.dim_objective import (ESTIMATORS, PRESETS, DIMObjective, concat_pairing, critic_mi,
                                  dot_local_mi)
@@ -280,7 +280,7 @@ def test_short_training_run_raises_the_mi_estimate(weights, arch, prior, margin)
     """A few Adam steps on one batch of digits: the trained MI term (-its loss) rises and ends
     above chance, -2 log 2, where the critic tells positive from negative pairs no better than a
     constant does. (The prior terms are a game: the total need not fall monotonically.)"""
-    from amdim.data import load
+    from amdim.data.datasets import load
     x = load("digits").train.batch(list(range(32)))[0].float() / 255.0
     obj = DIMObjective(**weights, estimator="jsd", local_arch=arch, prior=prior, loss_backend="fused")
     torch.manual_seed(0)

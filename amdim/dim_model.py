@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .model import Normalize, OnlineClassifiers
+from .amdim_model import Normalize, OnlineClassifiers
 
 LOCAL_ARCHS = ("dot", "concat")
 PRIORS = ("uniform", "gaussian", "none")

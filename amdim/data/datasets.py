@@ -3,7 +3,7 @@
 - "digits": scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes), upscaled to
   32x32 RGB; needs no download. A fixed stratified split holds out 20% for testing.
 - "shapes": 10 classes of procedurally generated 32x32 objects under position, scale, rotation,
-  colour, clutter and noise nuisances (amdim/synthetic.py); needs no download, 10000 train / 2000
+  colour, clutter and noise nuisances (amdim/data/shapes.py); needs no download, 10000 train / 2000
   test, and a linear probe on its raw pixels is near chance, so an encoder has to learn shape.
 - "cifar10" / "cifar100": the python pickle version (directory cifar-10-batches-py / cifar-100-python),
   read by a restricted unpickler that builds only dicts, lists, strings, numbers and numpy arrays:
@@ -351,10 +351,10 @@ def load_folder(path, size) -> Dataset:
 
 
 def load_shapes() -> Dataset:
-    from . import synthetic
-    xtr, ytr, xte, yte = synthetic.shapes_arrays()
+    from . import shapes
+    xtr, ytr, xte, yte = shapes.shapes_arrays()
     train = ImageSet(xtr, ytr)
-    return Dataset(train, train, ImageSet(xte, yte), len(synthetic.CLASSES), "shapes")
+    return Dataset(train, train, ImageSet(xte, yte), len(shapes.CLASSES), "shapes")
 
 
 def load(name: str, path: str | None = None, image_size: int | None = None) -> Dataset:
