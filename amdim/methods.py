@@ -7,6 +7,8 @@ import torch
 
 from .data import augment
 from .amdim_objective import MultiscaleNCE, mixture_fn, nce_fn
+from .config import AMDIMModelConfig, AMDIMObjectiveConfig, Config, DataConfig, DIMModelConfig, DIMObjectiveConfig
+from .dim_objective import DIMObjective
 
 
 def _finite(tensors) -> bool:
@@ -16,12 +18,13 @@ def _finite(tensors) -> bool:
 class AMDIMStep:
     """loss = the multiscale NCE objective of two augmented views (docs/losses.md, section 2)."""
 
-    def __init__(self, args, size: int):
-        mixture = (mixture_fn(args.loss_backend, args.tclip, args.reg_weight, args.mix_tau, args.mix_alpha)
-                   if args.n_mix > 1 else None)
-        self.objective = MultiscaleNCE(nce_fn(args.loss_backend, args.tclip, args.reg_weight,
-                                              args.estimator), args.costs, args.dense, mixture)
-        self.cfg = augment.AugmentConfig(size=size)
+    def __init__(self, model: AMDIMModelConfig, objective: AMDIMObjectiveConfig, data: DataConfig):
+        o = objective
+        mixture = (mixture_fn(o.loss_backend, o.tclip, o.reg_weight, o.mix_tau, o.mix_alpha)
+                   if model.n_mix > 1 else None)
+        self.objective = MultiscaleNCE(nce_fn(o.loss_backend, o.tclip, o.reg_weight, o.estimator),
+                                       o.costs, o.dense, mixture)
+        self.cfg = augment.AugmentConfig(size=data.image_size)
 
     def __call__(self, model, images, generator, rank, world):
         """(loss, parts, logits), or None when the features are not finite (the caller stops)."""
@@ -38,12 +41,12 @@ class DIMStep:
     """loss = -(alpha I_G + beta I_L) + gamma * prior matching (docs/losses.md, section 5), on the
     plain images, or on one augmented view with --dim-augment."""
 
-    def __init__(self, args, size: int):
-        from .dim_objective import DIMObjective
-        self.objective = DIMObjective(args.alpha, args.beta, args.gamma, args.estimator, args.local_arch,
-                                      args.prior, args.loss_backend)
-        self.size, self.augment = size, args.dim_augment
-        self.cfg = augment.AugmentConfig(size=size)
+    def __init__(self, model: DIMModelConfig, objective: DIMObjectiveConfig, data: DataConfig):
+        o = objective
+        self.objective = DIMObjective(o.alpha, o.beta, o.gamma, o.estimator, model.local_arch, model.prior,
+                                      o.loss_backend)
+        self.size, self.augment = data.image_size, o.dim_augment
+        self.cfg = augment.AugmentConfig(size=data.image_size)
 
     def __call__(self, model, images, generator, rank, world):
         if self.augment:
@@ -58,5 +61,7 @@ class DIMStep:
         return loss, parts, logits
 
 
-def make_step(args, size: int):
-    return DIMStep(args, size) if args.method == "dim" else AMDIMStep(args, size)
+def make_step(cfg: Config):
+    """The step of cfg.method, built from the model, objective and data configs."""
+    step = DIMStep if cfg.method == "dim" else AMDIMStep
+    return step(cfg.model, cfg.objective, cfg.data)

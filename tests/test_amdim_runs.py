@@ -204,7 +204,7 @@ def test_resume_accepts_the_default_image_size_spelled_out(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "1"], "at least 2"),
     (["--alpha", "1"], "--alpha does not apply to --method amdim"),
-    (["--method", "dim", "--costs", "1t5"], "--costs, --n-rkhs do not apply to --method dim"),
+    (["--method", "dim", "--costs", "1t5"], "--n-rkhs, --n-depth, --costs do not apply to --method dim"),
 ])
 def test_option_errors_are_clear(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from amdim import evaluate, metrics, train
+from amdim import checkpoint, evaluate, metrics, train
 from amdim.amdim_model import AMDIM
 
 TINY = ["--ndf", "4", "--n-rkhs", "16", "--n-depth", "1", "--batch-size", "32", "--no-eval", "--log-every", "1"]
@@ -23,7 +23,7 @@ def _run(tmp_path, *extra, name="run"):
 
 
 def _train_records(out_dir):
-    with open(out_dir / train.METRICS) as f:
+    with open(out_dir / metrics.METRICS) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
@@ -41,7 +41,7 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     full, _ = _run(tmp_path, "--epochs", "3", *common, name="full")
     first, out = _run(tmp_path, "--epochs", "1", *common, name="part")
     assert first["losses"] == full["losses"][:2]
-    ck_path = out / train.CHECKPOINT
+    ck_path = out / checkpoint.CHECKPOINT
     ck = torch.load(ck_path, weights_only=False)
     assert (ck["epoch"], ck["step"]) == (1, 0) and not list(out.glob("*.tmp*"))
     with pytest.raises(SystemExit, match="--ndf 4 .checkpoint. vs 8"):
@@ -51,7 +51,7 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     assert len(set(full["losses"])) == 6
     # the checkpoint holds the trained weights: a fresh model loaded from it gives the same features
     model = AMDIM(32, 4, 16, 1, False, 10)
-    model.load_state_dict(torch.load(out / train.CHECKPOINT, weights_only=False)["model"])
+    model.load_state_dict(torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["model"])
     assert torch.isfinite(model.encoder(torch.zeros(2, 3, 32, 32))[0]).all()
 
 
@@ -76,15 +76,15 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
     finally:
         metrics.MetricsLog.write = orig_write
     assert stop.value.code == 128 + signal.SIGINT and "SIGINT" in str(stop.value)
-    ck = torch.load(tmp_path / "cut" / train.CHECKPOINT, weights_only=False)
+    ck = torch.load(tmp_path / "cut" / checkpoint.CHECKPOINT, weights_only=False)
     assert (ck["epoch"], ck["step"]) == (0, 3)
-    rest, _ = _run(tmp_path, *common, "--resume", str(tmp_path / "cut" / train.CHECKPOINT), name="cut")
+    rest, _ = _run(tmp_path, *common, "--resume", str(tmp_path / "cut" / checkpoint.CHECKPOINT), name="cut")
     assert rest["losses"] == full["losses"][3:]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "2")
-    ck_path = out / train.CHECKPOINT
+    ck_path = out / checkpoint.CHECKPOINT
     before = ck_path.read_bytes()
     # an absurd learning rate overflows the weights after one step
     with pytest.raises(train.Stop) as stop:
@@ -154,7 +154,7 @@ def test_linear_probe_separates_informative_features():
 
 def test_evaluate_cli_on_a_checkpoint(tmp_path):
     _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
-    res = evaluate.evaluate(str(out / train.CHECKPOINT), "trained")
+    res = evaluate.evaluate(str(out / checkpoint.CHECKPOINT), "trained")
     assert res["n_test"] == 364 and res["feature_dim"] == 16 and 0.0 <= res["test_top1"] <= 1.0
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         evaluate.evaluate(str(tmp_path / "nope.pt"))
@@ -178,7 +178,7 @@ def test_trains_on_stl10_with_unlabeled_images_and_on_a_folder(tmp_path):
     summary, out = _run(tmp_path, "--dataset", "stl10", "--data-path", str(tmp_path / "stl"), "--batch-size", "4",
                         "--epochs", "1", name="stl")
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
-    ck = torch.load(out / train.CHECKPOINT, weights_only=False)
+    ck = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
     assert ck["arch"]["image_size"] == 64 and ck["model"]["classifiers.linear.weight"].shape == (10, 16)
     _folder(tmp_path / "imgs", per_class=10)
     summary, _ = _run(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", "32",

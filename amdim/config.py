@@ -1,0 +1,256 @@
+"""The options of amdim.train, resolved once into one small typed config per part.
+
+The command line (amdim.train.build_parser) leaves every option that has a default at None, so
+that `resolve` can tell an explicit value from a default: explicit values win over a recipe's
+(amdim.recipes), a recipe's over the method's defaults here. The result is a `Config` of frozen
+dataclasses, one per part, and each part of the trainer takes only its own:
+
+- `DataConfig`: what is read and how views are made (amdim.data);
+- `AMDIMModelConfig` / `DIMModelConfig`: the architecture (amdim.amdim_model / amdim.dim_model);
+- `AMDIMObjectiveConfig` / `DIMObjectiveConfig`: the loss (amdim.amdim_objective / amdim.dim_objective);
+- `OptimConfig`: optimiser, schedule, batch and epochs;
+- `RunConfig`: seed, device, precision and the run directory.
+
+`Config.options()` is the flat dict of every resolved option (printed at the start of a run and
+stored in its checkpoint); `Config.from_options` rebuilds the config from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+METHODS = ("amdim", "dim")
+ESTIMATORS = ("nce", "jsd", "dv")
+LOSS_BACKENDS = ("fused", "reference")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    data_path: str | None
+    image_size: int
+
+
+@dataclass(frozen=True)
+class AMDIMModelConfig:
+    ndf: int
+    n_rkhs: int
+    n_depth: int
+    use_bn: bool
+    n_mix: int
+
+
+@dataclass(frozen=True)
+class DIMModelConfig:
+    ndf: int
+    y_dim: int
+    local_arch: str
+    prior: str
+    use_global: bool     # a global critic exists (alpha > 0)
+    use_local: bool      # a local critic exists (beta > 0)
+
+
+@dataclass(frozen=True)
+class AMDIMObjectiveConfig:
+    estimator: str
+    loss_backend: str
+    costs: tuple
+    dense: bool
+    tclip: float
+    reg_weight: float
+    mix_tau: float
+    mix_alpha: float | None
+
+
+@dataclass(frozen=True)
+class DIMObjectiveConfig:
+    estimator: str
+    loss_backend: str
+    alpha: float
+    beta: float
+    gamma: float
+    dim_augment: bool
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int | None
+    lr: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    device: str
+    amp: str
+    out_dir: str
+    resume: str | None
+    overwrite: bool
+    log_every: int
+    no_eval: bool
+    no_progress: bool
+
+
+# Which option belongs to which part, per method. An option of the other method is refused.
+PARTS = {
+    "amdim": {"data": DataConfig, "model": AMDIMModelConfig, "objective": AMDIMObjectiveConfig,
+              "optim": OptimConfig, "run": RunConfig},
+    "dim": {"data": DataConfig, "model": DIMModelConfig, "objective": DIMObjectiveConfig,
+            "optim": OptimConfig, "run": RunConfig},
+}
+# options that set others and are not stored themselves
+DIM_PRESET_OPTION = "dim_preset"
+# DIM(L) and DIM(G) of the DIM paper (section 4): the weights of the global MI, local MI and prior terms
+DIM_PRESETS = {"L": dict(alpha=0.0, beta=1.0, gamma=0.1), "G": dict(alpha=1.0, beta=0.0, gamma=1.0)}
+
+# The defaults of each method when neither the command line nor a recipe sets an option.
+DEFAULTS = {
+    "shared": dict(dataset="digits", data_path=None, image_size=None, loss_backend="fused", epochs=30,
+                   batch_size=64, steps_per_epoch=None, seed=0, device="auto", amp="auto", out_dir=None,
+                   resume=None, overwrite=False, log_every=10, no_eval=False, no_progress=False),
+    "amdim": dict(ndf=16, n_rkhs=128, n_depth=1, use_bn=False, n_mix=1, estimator="nce",
+                  costs=("1t5", "1t7", "5t5"), dense=False, tclip=20.0, reg_weight=0.05, mix_tau=1.0,
+                  mix_alpha=None, lr=5e-4),
+    "dim": dict(ndf=32, y_dim=64, local_arch="dot", prior="uniform", estimator="jsd", dim_preset="L",
+                dim_augment=False, lr=5e-4),
+}
+
+
+def _fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def method_options(method: str) -> set[str]:
+    """Every option name (as stored) that applies to `method`."""
+    names = {n for cls in PARTS[method].values() for n in _fields(cls)}
+    names -= {"use_global", "use_local"}   # derived from alpha / beta
+    names |= {"method", DIM_PRESET_OPTION} if method == "dim" else {"method"}
+    return names
+
+
+def all_options() -> set[str]:
+    return method_options("amdim") | method_options("dim")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str
+    data: DataConfig
+    model: AMDIMModelConfig | DIMModelConfig
+    objective: AMDIMObjectiveConfig | DIMObjectiveConfig
+    optim: OptimConfig
+    run: RunConfig
+
+    def options(self) -> dict:
+        """Every resolved option as a flat dict of plain values (tuples as lists)."""
+        out = {"method": self.method}
+        for part in PARTS[self.method]:
+            for k, v in dataclasses.asdict(getattr(self, part)).items():
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def describe(self) -> str:
+        """The resolved options, one line per part, as printed at the start of a run."""
+        lines = [f"amdim.train: method={self.method}, resolved options:"]
+        for part in PARTS[self.method]:
+            values = dataclasses.asdict(getattr(self, part))
+            lines.append(f"  {part:9s} " + " ".join(f"{k}={_show(v)}" for k, v in values.items()))
+        return "\n".join(lines)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "Config":
+        """Rebuild a Config from `options()` (e.g. a checkpoint's)."""
+        method = options["method"]
+        parts = {}
+        for part, kind in PARTS[method].items():
+            values = {}
+            for name in _fields(kind):
+                v = options[name]
+                values[name] = tuple(v) if isinstance(v, list) else v
+            parts[part] = kind(**values)
+        return cls(method, **parts)
+
+
+def _show(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def resolve(given: dict) -> Config:
+    """Resolve command-line values (None = not given) into a Config. ValueError naming the options
+    at fault: options of the other method, and combinations that do not make sense."""
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = set(given) - all_options()
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}")
+    method = given.get("method", "amdim")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    misplaced = [k for k in _ordered(all_options() - method_options(method)) if k in given]
+    if misplaced:
+        raise ValueError(f"{', '.join(flag(k) for k in misplaced)} "
+                         f"{'does' if len(misplaced) == 1 else 'do'} not apply to --method {method}")
+    o = {**DEFAULTS["shared"], **DEFAULTS[method], **given}
+    o["method"] = method
+    if o["out_dir"] is None:
+        o["out_dir"] = os.path.join("runs", method)
+    if o["data_path"] is not None:   # stored absolute: amdim.evaluate may run from another directory
+        o["data_path"] = os.path.abspath(o["data_path"])
+    from .data.datasets import NATURAL_SIZE
+    if o["image_size"] is None:
+        o["image_size"] = NATURAL_SIZE[o["dataset"]]
+    if method == "dim":
+        _resolve_dim(o)
+    else:
+        _resolve_amdim(o)
+    return Config.from_options(o)
+
+
+def _ordered(names) -> list[str]:
+    """Options in the order of the parts' fields (so messages list them predictably)."""
+    order = [n for m in METHODS for cls in PARTS[m].values() for n in _fields(cls)] + [DIM_PRESET_OPTION]
+    seen = []
+    for n in order:
+        if n in names and n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _resolve_amdim(o: dict) -> None:
+    if o["n_mix"] > 1 and o["estimator"] != "nce":
+        raise ValueError(f"--n-mix {o['n_mix']} needs --estimator nce (the mixture loss is defined for "
+                         f"NCE), got --estimator {o['estimator']}")
+    if o["n_mix"] > 1 and not any(c[0] == "1" for c in o["costs"]):
+        raise ValueError(f"--n-mix {o['n_mix']} mixes the global feature, but --costs "
+                         f"{','.join(o['costs'])} has no 1->5 or 1->7 cost")
+
+
+def _resolve_dim(o: dict) -> None:
+    if o["image_size"] not in (32, 64):
+        raise ValueError(f"--image-size {o['image_size']} is not available for --method dim "
+                         f"(its encoders take 32 or 64 px images)")
+    for k, v in DIM_PRESETS[o[DIM_PRESET_OPTION]].items():
+        o.setdefault(k, v)
+    if o["alpha"] == 0 and o["beta"] == 0:
+        raise ValueError("--alpha and --beta are both 0: DIM needs a global or a local MI term")
+    if o["gamma"] > 0 and o["prior"] == "none":
+        raise ValueError(f"--gamma {o['gamma']:g} weights prior matching, but --prior is none "
+                         f"(pass --gamma 0, or a prior)")
+    o["use_global"], o["use_local"] = o["alpha"] > 0, o["beta"] > 0
+
+
+def default_text(name: str) -> str:
+    """'default: ...' for an option's help: the shared default, or each method's."""
+    if name in DEFAULTS["shared"]:
+        v = DEFAULTS["shared"][name]
+        return f"default: {_show(v)}" if v is not None else ""
+    per = [f"{_show(DEFAULTS[m][name])} for {m}" for m in METHODS if name in DEFAULTS[m]]
+    return "default: " + ", ".join(per) if per else ""
