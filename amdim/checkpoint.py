@@ -24,7 +24,7 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "amdim.train checkpoint"
-VERSION = 2
+VERSION = 3   # 3: the official AMDIM residual blocks and online classifiers, DIM as rdevon/DIM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +143,10 @@ def load(path: str, what: str = "checkpoint") -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{what} {path!r} is not an amdim.train checkpoint "
                          f"(no {FORMAT!r} marker; files of versions before 0.2 are not supported)")
+    if ck.get("version") != VERSION:
+        raise ValueError(f"{what} {path!r} was written by another version of amdim.train (checkpoint "
+                         f"version {ck.get('version')!r}, this one reads {VERSION}): its model layout "
+                         f"differs; train it again")
     missing = [k for k in ("model", "args", "epoch", "step", "sha256") if k not in ck]
     if missing:
         raise ValueError(f"{what} {path!r} is incomplete: missing {', '.join(missing)}")

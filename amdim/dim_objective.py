@@ -201,3 +201,11 @@ class DIMObjective:
             loss = loss + self.gamma * gen + disc
             parts["prior_gen"], parts["prior_disc"] = gen.detach(), disc.detach()
         return loss, parts
+
+
+def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The online classifiers' loss of rdevon/DIM (models/classifier.py): cross-entropy over the
+    labeled rows (label >= 0)."""
+    logits = logits.float()
+    labeled = labels >= 0
+    return F.cross_entropy(logits[labeled], labels[labeled]) if bool(labeled.any()) else logits.sum() * 0

@@ -1,13 +1,15 @@
-"""One training step's loss for each method of amdim.train: AMDIM (two augmented views, the
-multiscale NCE objective) and Deep InfoMax (plain images by default, global / local MI and prior
-matching). Both return what the trainer needs and nothing about optimisers or files."""
+"""One training step's loss for each method of amdim.train, side by side: AMDIM (two augmented views,
+the multiscale NCE objective) and Deep InfoMax (plain images by default, global / local MI and prior
+matching). Each adds its online classifiers' loss (detached features: it trains the classifiers only)
+and returns what the trainer needs, nothing about optimisers or files."""
 from __future__ import annotations
 
 import torch
 
-from .data import augment
+from . import amdim_objective, dim_objective
 from .amdim_objective import MultiscaleNCE, mixture_fn, nce_fn
 from .config import AMDIMModelConfig, AMDIMObjectiveConfig, Config, DataConfig, DIMModelConfig, DIMObjectiveConfig
+from .data import augment
 from .dim_objective import DIMObjective
 
 
@@ -15,8 +17,23 @@ def _finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _online(logits, labels, loss_fn) -> tuple[torch.Tensor, dict]:
+    """(summed loss, {"cls_mlp", "cls_lin", "cls_acc_mlp", "cls_acc_lin"}) of the (MLP, linear)
+    online classifiers; accuracies over the labeled rows."""
+    labeled = labels >= 0
+    total, parts = 0.0, {}
+    for name, lg in zip(("mlp", "lin"), logits):
+        loss = loss_fn(lg, labels)
+        total = total + loss
+        parts[f"cls_{name}"] = loss.detach()
+        hit = (lg.detach().argmax(1) == labels)[labeled].float()
+        parts[f"cls_acc_{name}"] = hit.mean() if len(hit) else hit.sum()
+    return total, parts
+
+
 class AMDIMStep:
-    """loss = the multiscale NCE objective of two augmented views (docs/losses.md, section 2)."""
+    """loss = the multiscale NCE objective of two augmented views (docs/losses.md, section 2), plus
+    the online classifiers' loss on both views' global features (amdim-public's loss_xent)."""
 
     def __init__(self, model: AMDIMModelConfig, objective: AMDIMObjectiveConfig, data: DataConfig):
         o = objective
@@ -26,20 +43,22 @@ class AMDIMStep:
                                        o.costs, o.dense, mixture)
         self.cfg = augment.AugmentConfig(size=data.image_size)
 
-    def __call__(self, model, images, generator, rank, world):
-        """(loss, parts, logits), or None when the features are not finite (the caller stops)."""
+    def __call__(self, model, images, labels, generator, rank, world):
+        """(loss, parts), or None when the features are not finite (the caller stops)."""
         x1, x2 = augment.two_views(images, self.cfg, generator, rank, world)
         (f1, f2), logits = model(x1, x2)
         feats1, feats2 = [r.float() for r in f1], [r.float() for r in f2]
         if not _finite(feats1 + feats2):
             return None
         loss, parts = self.objective(feats1, feats2, generator)
-        return loss, parts, logits
+        parts = {"loss": loss.detach(), **parts}
+        cls, cls_parts = _online(logits, torch.cat([labels, labels]), amdim_objective.classifier_loss)
+        return loss + cls, {**parts, **cls_parts}
 
 
 class DIMStep:
     """loss = -(alpha I_G + beta I_L) + gamma * prior matching (docs/losses.md, section 5), on the
-    plain images, or on one augmented view with --dim-augment."""
+    plain images, or on one augmented view with --dim-augment; plus the online classifiers' loss."""
 
     def __init__(self, model: DIMModelConfig, objective: DIMObjectiveConfig, data: DataConfig):
         o = objective
@@ -48,7 +67,7 @@ class DIMStep:
         self.size, self.augment = data.image_size, o.dim_augment
         self.cfg = augment.AugmentConfig(size=data.image_size)
 
-    def __call__(self, model, images, generator, rank, world):
+    def __call__(self, model, images, labels, generator, rank, world):
         if self.augment:
             (x,) = augment.views(images, self.cfg, generator, rank, world, count=1)
         else:
@@ -58,7 +77,9 @@ class DIMStep:
         if not _finite(feats.values()):
             return None
         loss, parts = self.objective(model, feats, generator)
-        return loss, parts, logits
+        parts = {"loss": loss.detach(), **parts}
+        cls, cls_parts = _online(logits, labels, dim_objective.classifier_loss)
+        return loss + cls, {**parts, **cls_parts}
 
 
 def make_step(cfg: Config):

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import checkpoint, run_dir
 from .amdim_model import ENCODER_SIZES
@@ -325,17 +324,6 @@ def evaluate_online(model, imageset, size, device):
     return (correct / len(imageset)).tolist()
 
 
-def classifier_losses(logits, labels) -> dict:
-    """Cross-entropy and accuracy of the online classifiers on the labeled rows (label >= 0)."""
-    labeled = labels >= 0
-    out = {}
-    for name, lg in zip(("mlp", "lin"), logits):
-        lg = lg.float()[labeled]
-        out[name] = F.cross_entropy(lg, labels[labeled]) if len(lg) else lg.sum()
-        out[f"acc_{name}"] = (lg.argmax(1) == labels[labeled]).float().mean() if len(lg) else lg.sum()
-    return out
-
-
 def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary: dict) -> dict:
     opt, run_cfg = run.cfg.optim, run.cfg.run
     rank, world, device = run.rank, run.world, run.device
@@ -358,12 +346,10 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
         images, labels = run.ds.train.batch(order[lo:lo + local_b])
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
-            out = run.step_fn(run.train_model, images.to(device), run.aug_gen, rank, world)
+            out = run.step_fn(run.train_model, images.to(device), labels, run.aug_gen, rank, world)
         finite = out is not None
         if finite:
-            loss, parts, logits = out
-            cls = classifier_losses(logits, labels)
-            total = loss + cls["mlp"] + cls["lin"]
+            total, parts = out
             finite = bool(torch.isfinite(total))
         if agree(not finite, device):
             raise Stop(EXIT_NON_FINITE,
@@ -381,12 +367,11 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
             run.optimizer.step()
         global_step += 1
         seen += opt.batch_size
-        scalars = {"loss": loss.detach(), **parts, **{f"cls_{k}": v.detach() for k, v in cls.items()}}
-        values = torch.stack([v.float() for v in scalars.values()])
+        values = torch.stack([v.float() for v in parts.values()])
         if world > 1:   # report global-batch values (mean over ranks' equal-sized rows)
             dist.all_reduce(values)
             values /= world
-        scalars = dict(zip(scalars, values.tolist()))
+        scalars = dict(zip(parts, values.tolist()))
         for k, v in scalars.items():
             sums[k] = sums.get(k, 0.0) + v
         summary["losses"].append(scalars["loss"])

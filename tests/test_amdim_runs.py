@@ -86,6 +86,16 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_checkpoint_of_another_version_is_refused(trained, tmp_path):
+    ck = torch.load(trained, weights_only=True)
+    ck.pop("sha256")
+    ck["version"] = checkpoint.VERSION - 1                # a valid older file, checksum and all
+    ck["sha256"] = checkpoint.payload_sha256(ck)
+    torch.save(ck, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=f"checkpoint version {checkpoint.VERSION - 1}, this one reads"):
+        checkpoint.load(str(tmp_path / "old.pt"))
+
+
 def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

@@ -31,7 +31,9 @@ def test_short_training_lowers_the_nce_loss(tmp_path):
     summary, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "24", "--lr", "2e-3")
     losses = summary["losses"]
     assert len(losses) == 24 and all(np.isfinite(losses))
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0
+    # zero-initialised residual branches start the loss at its chance value (scores near 0): it has
+    # to fall below it (by about 0.3 in these 24 steps; the step-to-step noise is about 0.1)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.15
     rec = _train_records(out)
     assert {"1t5", "1t7", "5t5", "lgt_reg", "images_per_s", "cls_acc_lin"} <= set(rec[0])
 
