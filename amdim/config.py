@@ -79,6 +79,11 @@ class OptimConfig:
     batch_size: int
     steps_per_epoch: int | None
     lr: float
+    betas: tuple             # Adam's (beta1, beta2)
+    weight_decay: float      # Adam's L2 term
+    warmup_steps: int        # linear warm-up over this many updates (0: none)
+    lr_milestones: tuple     # epochs after which the rate is multiplied by lr_decay
+    lr_decay: float
 
 
 @dataclass(frozen=True)
@@ -106,16 +111,24 @@ DIM_PRESET_OPTION = "dim_preset"
 # DIM(L) and DIM(G) of the DIM paper (section 4): the weights of the global MI, local MI and prior terms
 DIM_PRESETS = {"L": dict(alpha=0.0, beta=1.0, gamma=0.1), "G": dict(alpha=1.0, beta=0.0, gamma=1.0)}
 
+AMDIM_MILESTONE_FRACTIONS = (250 / 300, 280 / 300)
+
 # The defaults of each method when neither the command line nor a recipe sets an option.
 DEFAULTS = {
     "shared": dict(dataset="digits", data_path=None, image_size=None, loss_backend="fused", epochs=30,
-                   batch_size=64, steps_per_epoch=None, seed=0, device="auto", amp="auto", out_dir=None,
-                   resume=None, overwrite=False, log_every=10, no_eval=False, no_progress=False),
+                   batch_size=64, steps_per_epoch=None, lr_decay=0.2, seed=0, device="auto", amp="auto",
+                   out_dir=None, resume=None, overwrite=False, log_every=10, no_eval=False, no_progress=False),
     "amdim": dict(ndf=16, n_rkhs=128, n_depth=1, use_bn=False, n_mix=1, estimator="nce",
                   costs=("1t5", "1t7", "5t5"), dense=False, tclip=20.0, reg_weight=0.05, mix_tau=1.0,
-                  mix_alpha=None, lr=5e-4),
+                  mix_alpha=None,
+                  # amdim-public task_self_supervised.py: Adam(betas=(0.8, 0.999), weight_decay=1e-5),
+                  # a 500-update warm-up, MultiStepLR([250, 280], 0.2) over 300 epochs (train.py: lr 2e-4);
+                  # without --lr-milestones the milestones are those fractions of --epochs
+                  lr=2e-4, betas=(0.8, 0.999), weight_decay=1e-5, warmup_steps=500, lr_milestones=None),
     "dim": dict(ndf=32, y_dim=64, local_arch="dot", prior="uniform", estimator="jsd", dim_preset="L",
-                dim_augment=False, lr=5e-4),
+                dim_augment=False,
+                # cortex (optimizer.py) Adam defaults betas=(0.5, 0.999); rdevon/DIM lr 1e-4; no schedule
+                lr=1e-4, betas=(0.5, 0.999), weight_decay=0.0, warmup_steps=0, lr_milestones=()),
 }
 
 
@@ -207,6 +220,8 @@ def resolve(given: dict) -> Config:
     from .data.datasets import NATURAL_SIZE
     if o["image_size"] is None:
         o["image_size"] = NATURAL_SIZE[o["dataset"]]
+    if o["lr_milestones"] is None:   # amdim-public's [250, 280] of 300 epochs, scaled to --epochs
+        o["lr_milestones"] = tuple(round(o["epochs"] * f) for f in AMDIM_MILESTONE_FRACTIONS)
     if method == "dim":
         _resolve_dim(o)
     else:

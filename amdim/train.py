@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, run_dir
+from . import checkpoint, optim, run_dir
 from .amdim_model import ENCODER_SIZES
 from .amdim_objective import COSTS, parse_costs
 from .config import DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, Config, default_text, resolve
@@ -53,11 +53,41 @@ def positive_float(s):
     return v
 
 
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
 def nonneg_float(s):
     v = float(s)
     if not (v >= 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
     return v
+
+
+def betas_arg(s):
+    try:
+        b = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        b = ()
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) separated by a comma, got {s!r}")
+    return b
+
+
+def milestones_arg(s):
+    if s.strip().lower() == "none":
+        return ()
+    try:
+        m = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        m = (-1,)
+    if any(x < 1 for x in m) or list(m) != sorted(set(m)):
+        raise argparse.ArgumentTypeError(f"must be increasing positive epochs separated by commas, or "
+                                         f"none, got {s!r}")
+    return m
 
 
 def costs_arg(s):
@@ -74,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(group, name, help, **kw):
-        d = default_text(name.lstrip("-").replace("-", "_"))
+        d = "" if "default:" in help else default_text(name.lstrip("-").replace("-", "_"))
         group.add_argument(name, default=None, help=f"{help} ({d})" if d else help, **kw)
 
     add(p, "--method", "amdim: Augmented Multiscale DIM; dim: Deep InfoMax (global/local MI, prior matching)",
@@ -83,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--dataset", "digits and shapes are built in (no download); cifar10/100, stl10 and folder "
                         "read --data-path", choices=data.DATASETS)
     add(g, "--data-path", "directory of the dataset (not used by the built-ins)")
-    add(g, "--image-size", "encoder input size; default: 32 for digits/shapes/CIFAR, 64 for STL-10 and folders",
+    add(g, "--image-size", "encoder input size (default: 32 for digits/shapes/CIFAR, 64 for STL-10 and folders)",
         type=int, choices=ENCODER_SIZES)
     g = p.add_argument_group("model")
     add(g, "--ndf", "base channel width of the encoder", type=positive_int)
@@ -109,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--tclip", "AMDIM: soft clip of the scores", type=positive_float)
     add(g, "--reg-weight", "AMDIM: weight of the score regulariser", type=nonneg_float)
     add(g, "--mix-tau", "AMDIM: mixture softmax temperature tau", type=positive_float)
-    add(g, "--mix-alpha", "AMDIM: weight of the mixture entropy bonus (default 1/tau, which makes q optimal)",
+    add(g, "--mix-alpha", "AMDIM: weight of the mixture entropy bonus (default: 1/tau, which makes q optimal)",
         type=nonneg_float)
     add(g, "--dim-preset", "DIM: the DIM paper's configuration, giving the defaults of --alpha/--beta/--gamma: "
         + "; ".join(f"{k}: alpha={v['alpha']:g}, beta={v['beta']:g}, gamma={v['gamma']:g}"
@@ -125,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--steps-per-epoch", "cap on steps per epoch (default: one pass over the training set)",
         type=positive_int)
     add(g, "--lr", "Adam learning rate (encoder, critics and online classifiers)", type=positive_float)
+    add(g, "--betas", "Adam's beta1,beta2", type=betas_arg)
+    add(g, "--weight-decay", "Adam's L2 weight decay", type=nonneg_float)
+    add(g, "--warmup-steps", "linear learning-rate warm-up over this many updates (0: none)", type=nonneg_int)
+    add(g, "--lr-milestones", "epochs after which the learning rate is multiplied by --lr-decay, or none "
+                              "(default: 5/6 and 14/15 of --epochs for amdim, amdim-public's 250,280 of 300; "
+                              "none for dim)", type=milestones_arg)
+    add(g, "--lr-decay", "factor of each learning-rate decay", type=positive_float)
     g = p.add_argument_group("runtime")
     add(g, "--seed", "seeds initialisation, data order, augmentation and sampling", type=int)
     add(g, "--device", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
@@ -257,7 +294,7 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
     probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))   # input normalisation statistics
     pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
     model.normalize.set_stats(pix.mean(1), pix.std(1))
-    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(0.8, 0.999), eps=1e-8)
+    optimizer = optim.build(model.parameters(), opt)
     amp = amp_dtype(run_cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     run = Run(cfg, rank, world, device, amp, ds, steps, model, model, optimizer, scaler,
@@ -295,9 +332,7 @@ def _restore(run: Run, ck: dict) -> None:
                          + "; ".join(differ) + " (only --lr, --epochs and runtime options may change; "
                          "start a new run with --out-dir to change them)")
     run.model.load_state_dict(ck["model"])
-    run.optimizer.load_state_dict(ck["optimizer"])
-    for group in run.optimizer.param_groups:   # the command line's lr wins over the saved one
-        group["lr"] = run.cfg.optim.lr
+    run.optimizer.load_state_dict(ck["optimizer"])   # each step sets its rate from the config
     if run.scaler is not None and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     checkpoint.set_rng_state(ck["rng"], run.aug_gen)
@@ -358,6 +393,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
                                        if os.path.exists(run.ck_path) else "No checkpoint was written yet.")
                        + " Try a lower --lr, or --amp none.")
         run.optimizer.zero_grad(set_to_none=True)
+        lr = optim.set_lr(run.optimizer, opt, global_step, epoch)
         if run.scaler is not None:
             run.scaler.scale(total).backward()
             run.scaler.step(run.optimizer)
@@ -379,7 +415,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
         bar.update(1, {"loss": scalars["loss"], "img/s": ips})
         if step % run_cfg.log_every == 0 or step == run.steps - 1:
             run.log.write({"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
-                           "images_per_s": ips, **scalars}, global_step)
+                           "images_per_s": ips, "lr": lr, **scalars}, global_step)
     bar.close()
     run.check_weights(epoch + 1, 0)
     n_steps = run.steps - first
