@@ -10,25 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import Normalize
+
 ENCODER_SIZES = (32, 64, 128)
-
-
-class Normalize(nn.Module):
-    """Per-channel input normalisation whose statistics are buffers of the model: they travel with
-    its state_dict (checkpoints, DDP) and are set once from the training images (`set_stats`)."""
-
-    def __init__(self, channels: int = 3):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
-
-    @torch.no_grad()
-    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.mean.copy_(mean.reshape(self.mean.shape))
-        self.std.copy_(std.reshape(self.std.shape).clamp(min=1e-3))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
 
 
 def maybe_bn(n: int, use_bn: bool) -> nn.Module:
@@ -173,9 +157,9 @@ class OnlineClassifiers(nn.Module):
                                  nn.Linear(n_hidden, n_classes))
         self.linear = nn.Linear(n_in, n_classes)
 
-    def forward(self, ftr):
+    def forward(self, ftr) -> dict:
         ftr = ftr.detach().flatten(1)
-        return self.mlp(ftr), self.linear(ftr)
+        return {"mlp": self.mlp(ftr), "lin": self.linear(ftr)}
 
 
 class MixtureHead(nn.Module):
@@ -208,15 +192,15 @@ class AMDIM(nn.Module):
         """{"r1": (B, n_rkhs)} global features of images x in [0, 1] for the linear probe."""
         return {"r1": self.encoder(self.normalize(x))[0].flatten(1)}
 
-    def online_logits(self, x):
-        """(MLP, linear) logits of the online classifiers for images x in [0, 1]."""
+    def online_logits(self, x) -> dict:
+        """{"mlp", "lin"} logits of the online classifiers for images x in [0, 1]."""
         return self.classifiers(self.encoder(self.normalize(x))[0])
 
     def forward(self, x1, x2):
         """Encode each view (images in [0, 1]) in its own pass, so that each is its own batch for
         BatchNorm (amdim-public encodes x1 and x2 in two calls); classify both views' global features.
 
-        Returns (feats of x1, feats of x2), (mlp logits, linear logits) of the 2B rows [x1; x2];
+        Returns (feats of x1, feats of x2), {"mlp", "lin"} logits of the 2B rows [x1; x2];
         feats is (r1, r5, r7), plus the (B, k, n_rkhs) mixture components of r1 when n_mix > 1."""
         feats = []
         for x in (x1, x2):

@@ -171,6 +171,8 @@ def architecture(cfg) -> dict:
             **dataclasses.asdict(cfg.model)}
     if cfg.method == "dim" and not arch["use_local"]:   # no local critic: its architecture does not exist
         arch["local_arch"] = None
+    if cfg.method == "dim" and not arch["use_global"]:
+        arch["global_arch"] = None
     return arch
 
 
@@ -193,9 +195,9 @@ def build_model(arch: dict, n_classes: int) -> torch.nn.Module:
     """A fresh model of the architecture `arch` (see `architecture`)."""
     if arch["method"] == "dim":
         from .dim_model import DIM
-        return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"],
-                   local_arch=arch["local_arch"] or "dot", prior=arch["prior"], use_global=arch["use_global"],
-                   use_local=arch["use_local"])
+        return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"], mi_units=arch["mi_units"],
+                   local_arch=arch["local_arch"] or "dot", global_arch=arch["global_arch"] or "dot",
+                   prior=arch["prior"], use_global=arch["use_global"], use_local=arch["use_local"])
     from .amdim_model import AMDIM
     return AMDIM(arch["image_size"], arch["ndf"], arch["n_rkhs"], arch["n_depth"], arch["use_bn"],
                  n_classes, arch["n_mix"] or 1)

@@ -30,6 +30,12 @@ class DataConfig:
     dataset: str
     data_path: str | None
     image_size: int
+    augment: str             # a policy of amdim.data.augment.POLICIES
+
+    @property
+    def policy(self):
+        from .data.augment import POLICIES
+        return POLICIES[self.augment]
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,9 @@ class AMDIMModelConfig:
 class DIMModelConfig:
     ndf: int
     y_dim: int
+    mi_units: int            # the dot-product critics' embedding size
     local_arch: str
+    global_arch: str
     prior: str
     use_global: bool     # a global critic exists (alpha > 0)
     use_local: bool      # a local critic exists (beta > 0)
@@ -70,7 +78,7 @@ class DIMObjectiveConfig:
     alpha: float
     beta: float
     gamma: float
-    dim_augment: bool
+    prior_gp: float          # weight of the prior discriminator's gradient penalty
 
 
 @dataclass(frozen=True)
@@ -110,14 +118,30 @@ PARTS = {
 DIM_PRESET_OPTION = "dim_preset"
 # DIM(L) and DIM(G) of the DIM paper (section 4): the weights of the global MI, local MI and prior terms
 DIM_PRESETS = {"L": dict(alpha=0.0, beta=1.0, gamma=0.1), "G": dict(alpha=1.0, beta=0.0, gamma=1.0)}
+# rdevon/DIM weighs its discriminator's gradient penalty by 1.0, but the penalty it computes
+# (functions/gradient_penalty.py: network(x)[-1] keeps the batch's last row) is the squared input
+# gradient of one sample divided by the batch size: in expectation the batch mean / B. At its batch of
+# 64 that is the mean over the batch weighted 1/64, which is what amdim.dim_objective computes.
+DIM_PRIOR_GP = 1 / 64
 
 AMDIM_MILESTONE_FRACTIONS = (250 / 300, 280 / 300)
+# the augmentation policy of each method by dataset when --augment is not given: the official
+# CIFAR / STL-10 / ImageNet pipelines (the built-in 32 px datasets count as CIFAR-like, folders as
+# ImageNet-like)
+DEFAULT_AUGMENT = {
+    "amdim": {"digits": "amdim-cifar", "shapes": "amdim-cifar", "cifar10": "amdim-cifar",
+              "cifar100": "amdim-cifar", "stl10": "amdim-stl", "folder": "amdim-imagenet"},
+    "dim": {"digits": "none", "shapes": "none", "cifar10": "none", "cifar100": "none", "stl10": "dim-stl",
+            "folder": "dim-stl"},
+}
 
 # The defaults of each method when neither the command line nor a recipe sets an option.
 DEFAULTS = {
-    "shared": dict(dataset="digits", data_path=None, image_size=None, loss_backend="fused", epochs=30,
+    "shared": dict(dataset="digits", data_path=None, image_size=None, augment=None, loss_backend="fused", epochs=30,
                    batch_size=64, steps_per_epoch=None, lr_decay=0.2, seed=0, device="auto", amp="auto",
                    out_dir=None, resume=None, overwrite=False, log_every=10, no_eval=False, no_progress=False),
+    # the AMDIM encoder at a CPU size for the built-in data (amdim-public: ndf 128, n_rkhs 1024,
+    # n_depth 3, the amdim-* recipes)
     "amdim": dict(ndf=16, n_rkhs=128, n_depth=1, use_bn=False, n_mix=1, estimator="nce",
                   costs=("1t5", "1t7", "5t5"), dense=False, tclip=20.0, reg_weight=0.05, mix_tau=1.0,
                   mix_alpha=None,
@@ -125,8 +149,12 @@ DEFAULTS = {
                   # a 500-update warm-up, MultiStepLR([250, 280], 0.2) over 300 epochs (train.py: lr 2e-4);
                   # without --lr-milestones the milestones are those fractions of --epochs
                   lr=2e-4, betas=(0.8, 0.999), weight_decay=1e-5, warmup_steps=500, lr_milestones=None),
-    "dim": dict(ndf=32, y_dim=64, local_arch="dot", prior="uniform", estimator="jsd", dim_preset="L",
-                dim_augment=False,
+    # rdevon/DIM: output_units 64, JSD, the dot critics (GlobalDIM is a dot product too), PriorMatching's
+    # uniform prior and discriminator penalty. Its sizes (basic32x32's ndf 64, LocalDIM's mi_units 2048)
+    # train at about 15 images/s on a 2-core CPU: the defaults (half the width, a quarter of the units) are for the built-in
+    # data on a CPU, and the dim-* recipes give the official sizes (docs/dim.md)
+    "dim": dict(ndf=32, y_dim=64, mi_units=512, local_arch="dot", global_arch="dot", prior="uniform",
+                estimator="jsd", dim_preset="L", prior_gp=DIM_PRIOR_GP,
                 # cortex (optimizer.py) Adam defaults betas=(0.5, 0.999); rdevon/DIM lr 1e-4; no schedule
                 lr=1e-4, betas=(0.5, 0.999), weight_decay=0.0, warmup_steps=0, lr_milestones=()),
 }
@@ -220,6 +248,8 @@ def resolve(given: dict) -> Config:
     from .data.datasets import NATURAL_SIZE
     if o["image_size"] is None:
         o["image_size"] = NATURAL_SIZE[o["dataset"]]
+    if o["augment"] is None:
+        o["augment"] = DEFAULT_AUGMENT[method][o["dataset"]]
     if o["lr_milestones"] is None:   # amdim-public's [250, 280] of 300 epochs, scaled to --epochs
         o["lr_milestones"] = tuple(round(o["epochs"] * f) for f in AMDIM_MILESTONE_FRACTIONS)
     if method == "dim":

@@ -17,12 +17,12 @@ def _finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _online(logits, labels, loss_fn) -> tuple[torch.Tensor, dict]:
-    """(summed loss, {"cls_mlp", "cls_lin", "cls_acc_mlp", "cls_acc_lin"}) of the (MLP, linear)
-    online classifiers; accuracies over the labeled rows."""
+def _online(logits: dict, labels, loss_fn) -> tuple[torch.Tensor, dict]:
+    """(summed loss, {"cls_<name>", "cls_acc_<name>"}) of the online classifiers (name -> logits);
+    accuracies over the labeled rows."""
     labeled = labels >= 0
     total, parts = 0.0, {}
-    for name, lg in zip(("mlp", "lin"), logits):
+    for name, lg in logits.items():
         loss = loss_fn(lg, labels)
         total = total + loss
         parts[f"cls_{name}"] = loss.detach()
@@ -41,11 +41,11 @@ class AMDIMStep:
                    if model.n_mix > 1 else None)
         self.objective = MultiscaleNCE(nce_fn(o.loss_backend, o.tclip, o.reg_weight, o.estimator),
                                        o.costs, o.dense, mixture)
-        self.cfg = augment.AugmentConfig(size=data.image_size)
+        self.policy, self.size = data.policy, data.image_size
 
     def __call__(self, model, images, labels, generator, rank, world):
         """(loss, parts), or None when the features are not finite (the caller stops)."""
-        x1, x2 = augment.two_views(images, self.cfg, generator, rank, world)
+        x1, x2 = augment.views(images, self.policy, self.size, generator, rank, world, count=2)
         (f1, f2), logits = model(x1, x2)
         feats1, feats2 = [r.float() for r in f1], [r.float() for r in f2]
         if not _finite(feats1 + feats2):
@@ -57,21 +57,17 @@ class AMDIMStep:
 
 
 class DIMStep:
-    """loss = -(alpha I_G + beta I_L) + gamma * prior matching (docs/losses.md, section 5), on the
-    plain images, or on one augmented view with --dim-augment; plus the online classifiers' loss."""
+    """loss = -(alpha I_G + beta I_L) + gamma * prior matching (docs/losses.md, section 5), on one
+    view of each image (with policy "none": the plain image); plus the online classifiers' loss."""
 
     def __init__(self, model: DIMModelConfig, objective: DIMObjectiveConfig, data: DataConfig):
         o = objective
         self.objective = DIMObjective(o.alpha, o.beta, o.gamma, o.estimator, model.local_arch, model.prior,
-                                      o.loss_backend)
-        self.size, self.augment = data.image_size, o.dim_augment
-        self.cfg = augment.AugmentConfig(size=data.image_size)
+                                      o.loss_backend, global_arch=model.global_arch, prior_gp=o.prior_gp)
+        self.policy, self.size = data.policy, data.image_size
 
     def __call__(self, model, images, labels, generator, rank, world):
-        if self.augment:
-            (x,) = augment.views(images, self.cfg, generator, rank, world, count=1)
-        else:
-            x = augment.resize(augment.to_float(images.to(generator.device)), self.size)
+        (x,) = augment.views(images, self.policy, self.size, generator, rank, world, count=1)
         feats, logits = model(x)
         feats = {k: v.float() for k, v in feats.items()}
         if not _finite(feats.values()):

@@ -107,9 +107,9 @@ def epoch_line(rec: dict, epochs: int, method: str = "amdim") -> str:
                           if k != "loss" and not k.startswith("cls_"))
         parts.append(f"mean loss {mean['loss']:.4f} ({costs})")
     parts.append(f"{rec['images_per_s']:.0f} img/s")
-    if "test_acc_lin" in rec:
-        parts.append(f"online classifiers' test accuracy: linear {rec['test_acc_lin']:.3f}, "
-                     f"MLP {rec['test_acc_mlp']:.3f}")
+    accs = [f"{k[len('test_acc_'):]} {v:.3f}" for k, v in rec.items() if k.startswith("test_acc_")]
+    if accs:
+        parts.append("online classifiers' test accuracy: " + ", ".join(accs))
     if "peak_gpu_mib" in rec:
         parts.append(f"peak GPU memory {rec['peak_gpu_mib']:.0f} MiB")
     return " | ".join(parts)

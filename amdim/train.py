@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--dataset", "digits and shapes are built in (no download); cifar10/100, stl10 and folder "
                         "read --data-path", choices=data.DATASETS)
     add(g, "--data-path", "directory of the dataset (not used by the built-ins)")
+    add(g, "--augment", "augmentation policy of the training views (default: the official one for the method "
+                        "and dataset: amdim-cifar for 32 px data, amdim-stl for stl10, amdim-imagenet for "
+                        "folder; for dim none, and dim-stl for stl10 and folder)", choices=tuple(augment.POLICIES))
     add(g, "--image-size", "encoder input size (default: 32 for digits/shapes/CIFAR, 64 for STL-10 and folders)",
         type=int, choices=ENCODER_SIZES)
     g = p.add_argument_group("model")
@@ -123,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--n-mix", "AMDIM: mixture components of the global feature for the 1->5 / 1->7 costs (1: none)",
         type=positive_int)
     add(g, "--y-dim", "DIM: size of the representation Y", type=positive_int)
+    add(g, "--mi-units", "DIM: embedding size of the dot-product critics", type=positive_int)
     add(g, "--local-arch", "DIM: local critic, encoder-and-dot-product (fused kernels) or concat-and-convolve",
         choices=("dot", "concat"))
-    add(g, "--prior", "DIM: prior of Y for prior matching (uniform also squashes Y with a sigmoid)",
+    add(g, "--global-arch", "DIM: global critic, a dot product of the encoded map and Y (rdevon/DIM) or an MLP "
+                            "on their concatenation (the DIM paper's appendix)", choices=("dot", "concat"))
+    add(g, "--prior", "DIM: prior for prior matching (uniform: sigmoid(Y) is matched to U[0, 1])",
         choices=("uniform", "gaussian", "none"))
     g = p.add_argument_group("objective")
     add(g, "--estimator", "mutual-information bound: nce (InfoNCE), jsd (Jensen-Shannon) or dv "
@@ -147,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--alpha", "DIM: weight of the global MI term (default: the preset's)", type=nonneg_float)
     add(g, "--beta", "DIM: weight of the local MI term (default: the preset's)", type=nonneg_float)
     add(g, "--gamma", "DIM: weight of prior matching (default: the preset's)", type=nonneg_float)
-    add(g, "--dim-augment", "DIM: train on one augmented view of each image instead of the plain images",
-        action=argparse.BooleanOptionalAction)
+    add(g, "--prior-gp", "DIM: weight of the prior discriminator's gradient penalty", type=nonneg_float)
     g = p.add_argument_group("optimisation")
     add(g, "--epochs", "passes over the training set", type=positive_int)
     add(g, "--batch-size", "GLOBAL batch size (split evenly over torchrun processes)", type=positive_int)
@@ -291,9 +296,10 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
     aug_gen.manual_seed(run_cfg.seed)
     arch = checkpoint.architecture(cfg)
     model = checkpoint.build_model(arch, ds.n_classes).to(device)
-    probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))   # input normalisation statistics
-    pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
-    model.normalize.set_stats(pix.mean(1), pix.std(1))
+    if cfg.method == "amdim":   # input normalisation statistics (DIM keeps cortex's fixed ones)
+        probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))
+        pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
+        model.normalize.set_stats(pix.mean(1), pix.std(1))
     optimizer = optim.build(model.parameters(), opt)
     amp = amp_dtype(run_cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -312,9 +318,10 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
 
 def continuation_options(cfg: Config, steps: int) -> dict:
     """The options besides the architecture that an exact continuation must keep: the objective
-    (its kernels' backend aside), the batch and the data order. (The learning rate, the epochs and
+    (its kernels' backend aside), the augmentation, the batch and the data order. (The learning rate, the epochs and
     the runtime options may change.)"""
-    keep = {"batch_size": cfg.optim.batch_size, "steps_per_epoch": steps, "seed": cfg.run.seed}
+    keep = {"batch_size": cfg.optim.batch_size, "steps_per_epoch": steps, "seed": cfg.run.seed,
+            "augment": cfg.data.augment}
     objective = {f.name for f in dataclasses.fields(cfg.objective)} - {"loss_backend"}
     keep.update({k: v for k, v in cfg.options().items() if k in objective})
     return keep
@@ -347,16 +354,16 @@ def _restore(run: Run, ck: dict) -> None:
 # training
 
 @torch.no_grad()
-def evaluate_online(model, imageset, size, device):
-    """Test top-1 of the online MLP and linear classifiers (no augmentation, eval-mode BN)."""
+def evaluate_online(model, imageset, size, device, policy) -> dict:
+    """Test top-1 of each online classifier (evaluation views, eval-mode BN): {name: accuracy}."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(2)
-    for x, y in image_batches(imageset, size, device):
-        for j, logits in enumerate(model.online_logits(x)):
-            correct[j] += (logits.argmax(1).cpu() == y).sum()
+    correct = {}
+    for x, y in image_batches(imageset, size, device, policy):
+        for name, logits in model.online_logits(x).items():
+            correct[name] = correct.get(name, 0) + int((logits.argmax(1).cpu() == y).sum())
     model.train(was_training)
-    return (correct / len(imageset)).tolist()
+    return {name: c / len(imageset) for name, c in correct.items()}
 
 
 def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary: dict) -> dict:
@@ -426,8 +433,8 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
     if device.type == "cuda":
         rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if rank == 0 and not run_cfg.no_eval:
-        rec["test_acc_mlp"], rec["test_acc_lin"] = evaluate_online(run.model, run.ds.test,
-                                                                   run.cfg.data.image_size, device)
+        accs = evaluate_online(run.model, run.ds.test, run.cfg.data.image_size, device, run.cfg.data.policy)
+        rec.update({f"test_acc_{name}": acc for name, acc in accs.items()})
     return rec
 
 

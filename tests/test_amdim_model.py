@@ -1,10 +1,9 @@
-"""AMDIM encoder shapes, the multiscale objective against a hand-written composition of the
-reference loss, and the batched augmentation."""
+"""AMDIM encoder shapes and initialisation, the two views' passes, the multiscale objective against a
+hand-written composition of the reference loss, and the online classifiers' loss."""
 
 import pytest
 import torch
 
-from amdim.data import augment
 from amdim.amdim_model import AMDIM, Encoder
 from amdim.amdim_objective import MultiscaleNCE, mixture_fn, nce_fn, parse_costs
 from amdim_kernels.reference import mixture_nce_loss_reference, nce_loss_reference
@@ -46,10 +45,12 @@ def test_model_splits_views_and_detaches_classifier_input():
     torch.manual_seed(0)
     model = AMDIM(32, ndf=4, n_rkhs=16, n_depth=1, n_classes=5)
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    (f1, f2), (mlp, lin) = model(x1, x2)
+    (f1, f2), logits = model(x1, x2)
+    mlp, lin = logits["mlp"], logits["lin"]
     assert [r.shape[0] for r in f1 + f2] == [4] * 6 and mlp.shape == lin.shape == (8, 5)
     model.eval()   # no dropout: row b + 4 is view 2's image b
-    (f1, f2), (_, lin) = model(x1, x2)
+    (f1, f2), logits = model(x1, x2)
+    lin = logits["lin"]
     head = model.classifiers.linear
     assert torch.allclose(lin, torch.cat([f1[0], f2[0]]).flatten(1) @ head.weight.T + head.bias, atol=1e-6)
     model.train()
@@ -200,69 +201,6 @@ def test_parse_costs_rejects_bad_names():
         nce_fn("cuda", 20.0, 0.05)
     with pytest.raises(ValueError, match="estimator"):
         nce_fn("fused", 20.0, 0.05, "mine")
-
-
-# ---------------------------------------------------------------------------- augmentation
-
-def _images(n=4, h=20, w=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
-
-
-def test_two_views_shapes_range_and_determinism():
-    cfg = augment.AugmentConfig(size=32)
-    imgs = _images()
-    a = augment.two_views(imgs, cfg, torch.Generator().manual_seed(1))
-    b = augment.two_views(imgs, cfg, torch.Generator().manual_seed(1))
-    c = augment.two_views(imgs, cfg, torch.Generator().manual_seed(2))
-    assert a[0].shape == a[1].shape == (4, 3, 32, 32)
-    assert 0 <= float(a[0].min()) and float(a[0].max()) <= 1
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], a[1])
-
-
-def test_flip_is_shared_by_both_views():
-    """With crops and jitter switched off a view is the image or its mirror, and both views
-    of an image agree; over 64 images both outcomes occur."""
-    cfg = augment.AugmentConfig(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0, contrast=0,
-                                saturation=0, hue=0, p_gray=0)
-    imgs = _images(64, 16, 16)
-    x = augment.to_float(imgs)
-    v1, v2 = augment.two_views(imgs, cfg, torch.Generator().manual_seed(0))
-    flipped = [torch.allclose(v1[i], x[i].flip(-1), atol=1e-5) for i in range(64)]
-    same = [torch.allclose(v1[i], x[i], atol=1e-5) for i in range(64)]
-    assert all(f != s for f, s in zip(flipped, same))
-    assert 10 < sum(flipped) < 54
-    assert torch.allclose(v1, v2, atol=1e-5)
-
-
-def test_grayscale_and_hue_rotation():
-    cfg = augment.AugmentConfig(size=8, p_gray=1.0)
-    v1, _ = augment.two_views(_images(3, 8, 8), cfg, torch.Generator().manual_seed(0))
-    assert torch.allclose(v1[:, 0], v1[:, 1]) and torch.allclose(v1[:, 1], v1[:, 2])
-    x = augment.to_float(_images(2, 5, 5))
-    assert torch.allclose(augment.rotate_hue(x, torch.zeros(2)), x, atol=1e-5)
-    full_turn = augment.rotate_hue(x, torch.ones(2))
-    assert torch.allclose(full_turn, x, atol=1e-4)
-    half = augment.rotate_hue(x, torch.full((2,), 0.5))
-    assert not torch.allclose(half, x, atol=1e-2)
-    assert torch.allclose(augment.gray(half), augment.gray(x), atol=1e-4)   # hue keeps luma
-
-
-def test_rank_slices_equal_the_global_batch():
-    """K ranks each augmenting their rows draw exactly what one process draws for the batch."""
-    cfg = augment.AugmentConfig(size=12)
-    imgs = _images(6, 10, 10)
-    whole = augment.two_views(imgs, cfg, torch.Generator().manual_seed(3))
-    for rank in range(2):
-        part = augment.two_views(imgs[rank * 3:(rank + 1) * 3], cfg, torch.Generator().manual_seed(3), rank, 2)
-        for v_whole, v_part in zip(whole, part):
-            assert torch.allclose(v_whole[rank * 3:(rank + 1) * 3], v_part, atol=1e-6)
-
-
-def test_to_float_rejects_non_uint8():
-    with pytest.raises(ValueError, match="uint8"):
-        augment.to_float(torch.zeros(1, 3, 4, 4))
 
 
 def test_online_classifier_loss_is_amdim_publics():

@@ -263,7 +263,7 @@ def test_diverged_weights_are_never_saved_or_evaluated(tmp_path, monkeypatch):
 def test_resume_refuses_options_that_break_an_exact_continuation(trained, tmp_path, change, message):
     args = ["--epochs", "2", "--steps-per-epoch", "2", "--resume", str(trained)] + change
     if change[0] == "--method":   # DIM rejects AMDIM's width options: give it its own
-        args = ["--method", "dim", "--ndf", "4", "--batch-size", "32", "--out-dir", str(tmp_path / "d"),
+        args = ["--method", "dim", "--ndf", "4", "--mi-units", "32", "--batch-size", "32", "--out-dir", str(tmp_path / "d"),
                 "--epochs", "2", "--resume", str(trained)]
         with pytest.raises(SystemExit, match=message):
             train.run(train.build_parser().parse_args(args))

@@ -9,7 +9,7 @@ import torch
 from amdim import checkpoint, evaluate, train
 from amdim.metrics import METRICS
 
-TINY = ["--method", "dim", "--ndf", "4", "--y-dim", "16", "--batch-size", "32", "--no-eval",
+TINY = ["--method", "dim", "--ndf", "4", "--y-dim", "16", "--mi-units", "32", "--batch-size", "32", "--no-eval",
         "--log-every", "1", "--no-progress"]
 
 
@@ -45,7 +45,7 @@ def test_presets_fill_the_weights_and_explicit_values_win(tmp_path):
 
 
 def test_dim_resume_is_exact(tmp_path):
-    common = ["--steps-per-epoch", "2", "--seed", "7", "--dim-augment"]
+    common = ["--steps-per-epoch", "2", "--seed", "7", "--augment", "amdim-cifar"]
     full, _ = _run(tmp_path / "full", "--epochs", "2", *common)
     _run(tmp_path / "part", "--epochs", "1", *common)
     rest, _ = _run(tmp_path / "part", "--epochs", "2", *common, "--resume",
