@@ -168,7 +168,7 @@ def method_options(method: str) -> set[str]:
     """Every option name (as stored) that applies to `method`."""
     names = {n for cls in PARTS[method].values() for n in _fields(cls)}
     names -= {"use_global", "use_local"}   # derived from alpha / beta
-    names |= {"method", DIM_PRESET_OPTION} if method == "dim" else {"method"}
+    names |= {"method", "recipe", DIM_PRESET_OPTION} if method == "dim" else {"method", "recipe"}
     return names
 
 
@@ -183,6 +183,7 @@ def flag(name: str) -> str:
 @dataclass(frozen=True)
 class Config:
     method: str
+    recipe: str | None       # the amdim.recipes preset the options started from, if any
     data: DataConfig
     model: AMDIMModelConfig | DIMModelConfig
     objective: AMDIMObjectiveConfig | DIMObjectiveConfig
@@ -191,7 +192,7 @@ class Config:
 
     def options(self) -> dict:
         """Every resolved option as a flat dict of plain values (tuples as lists)."""
-        out = {"method": self.method}
+        out = {"method": self.method, "recipe": self.recipe}
         for part in PARTS[self.method]:
             for k, v in dataclasses.asdict(getattr(self, part)).items():
                 out[k] = list(v) if isinstance(v, tuple) else v
@@ -199,7 +200,7 @@ class Config:
 
     def describe(self) -> str:
         """The resolved options, one line per part, as printed at the start of a run."""
-        lines = [f"amdim.train: method={self.method}, resolved options:"]
+        lines = [f"amdim.train: method={self.method} recipe={self.recipe}, resolved options:"]
         for part in PARTS[self.method]:
             values = dataclasses.asdict(getattr(self, part))
             lines.append(f"  {part:9s} " + " ".join(f"{k}={_show(v)}" for k, v in values.items()))
@@ -216,31 +217,46 @@ class Config:
                 v = options[name]
                 values[name] = tuple(v) if isinstance(v, list) else v
             parts[part] = kind(**values)
-        return cls(method, **parts)
+        return cls(method, options.get("recipe"), **parts)
 
 
 def _show(v) -> str:
     if isinstance(v, (tuple, list)):
-        return ",".join(str(x) for x in v)
+        return ",".join(str(x) for x in v) if len(v) else "none"
     return str(v)
 
 
 def resolve(given: dict) -> Config:
-    """Resolve command-line values (None = not given) into a Config. ValueError naming the options
-    at fault: options of the other method, and combinations that do not make sense."""
+    """Resolve command-line values (None = not given) into a Config: explicit values over the
+    recipe's (amdim.recipes) over the method's defaults; a DIM preset sets alpha, beta and gamma at
+    the level it is given at. ValueError naming the options at fault: options of the other method,
+    and combinations that do not make sense."""
+    from .recipes import RECIPES
     given = {k: v for k, v in given.items() if v is not None}
     unknown = set(given) - all_options()
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}")
-    method = given.get("method", "amdim")
+    name = given.get("recipe")
+    if name is not None and name not in RECIPES:
+        raise ValueError(f"--recipe must be one of {tuple(RECIPES)}, got {name!r}")
+    recipe = dict(RECIPES[name]) if name else {}
+    method = given.get("method", recipe.get("method", "amdim"))
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    if recipe and method != recipe["method"]:
+        raise ValueError(f"--recipe {name} is a --method {recipe['method']} recipe, got --method {method}")
     misplaced = [k for k in _ordered(all_options() - method_options(method)) if k in given]
     if misplaced:
         raise ValueError(f"{', '.join(flag(k) for k in misplaced)} "
                          f"{'does' if len(misplaced) == 1 else 'do'} not apply to --method {method}")
-    o = {**DEFAULTS["shared"], **DEFAULTS[method], **given}
-    o["method"] = method
+    layers = [dict(DEFAULTS["shared"]), dict(DEFAULTS[method]), recipe, dict(given)]
+    if method == "dim":
+        for layer in layers:
+            if DIM_PRESET_OPTION in layer:
+                for k, v in DIM_PRESETS[layer[DIM_PRESET_OPTION]].items():
+                    layer.setdefault(k, v)
+    o = {k: v for layer in layers for k, v in layer.items()}
+    o["method"], o["recipe"] = method, name
     if o["out_dir"] is None:
         o["out_dir"] = os.path.join("runs", method)
     if o["data_path"] is not None:   # stored absolute: amdim.evaluate may run from another directory
@@ -282,8 +298,6 @@ def _resolve_dim(o: dict) -> None:
     if o["image_size"] not in (32, 64):
         raise ValueError(f"--image-size {o['image_size']} is not available for --method dim "
                          f"(its encoders take 32 or 64 px images)")
-    for k, v in DIM_PRESETS[o[DIM_PRESET_OPTION]].items():
-        o.setdefault(k, v)
     if o["alpha"] == 0 and o["beta"] == 0:
         raise ValueError("--alpha and --beta are both 0: DIM needs a global or a local MI term")
     if o["gamma"] > 0 and o["prior"] == "none":

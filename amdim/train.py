@@ -33,6 +33,7 @@ from .data import augment, datasets as data
 from .distributed import agree, convert_batchnorm, init_distributed, pick_device
 from .evaluate import image_batches
 from .methods import make_step
+from .recipes import RECIPES
 from .metrics import METRICS, MetricsLog, Progress, epoch_line
 
 EXIT_NON_FINITE = 3
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(p, "--method", "amdim: Augmented Multiscale DIM; dim: Deep InfoMax (global/local MI, prior matching)",
         choices=METHODS)
+    add(p, "--recipe", "start from an official recipe (its method, dataset, sizes, batch, optimiser, schedule, "
+                       "epochs and augmentation; explicit options override it): "
+                       + "; ".join(f"{k}: {v['method']} on {v['dataset']}" for k, v in RECIPES.items()),
+        choices=tuple(RECIPES))
     g = p.add_argument_group("data")
     add(g, "--dataset", "digits and shapes are built in (no download); cifar10/100, stl10 and folder "
                         "read --data-path", choices=data.DATASETS)
