@@ -33,7 +33,7 @@ def image_batches(imageset, size, device, policy, batch=256):
     batch by batch, in order."""
     for i in range(0, len(imageset), batch):
         x, y = imageset.batch(np.arange(i, min(i + batch, len(imageset))))
-        yield augment.eval_view(augment.to_float(x.to(device)), policy, size), y
+        yield augment.eval_view(augment.as_float(x, device), policy, size), y
 
 
 @torch.no_grad()

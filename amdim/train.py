@@ -303,7 +303,8 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
     model = checkpoint.build_model(arch, ds.n_classes).to(device)
     if cfg.method == "amdim":   # input normalisation statistics (DIM keeps cortex's fixed ones)
         probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))
-        pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
+        pix = augment.eval_view(augment.as_float(probe, "cpu"), cfg.data.policy, cfg.data.image_size)
+        pix = pix.transpose(0, 1).reshape(3, -1)
         model.normalize.set_stats(pix.mean(1), pix.std(1))
     optimizer = optim.build(model.parameters(), opt)
     amp = amp_dtype(run_cfg.amp, device)
@@ -393,7 +394,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
         images, labels = run.ds.train.batch(order[lo:lo + local_b])
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
-            out = run.step_fn(run.train_model, images.to(device), labels, run.aug_gen, rank, world)
+            out = run.step_fn(run.train_model, images, labels, run.aug_gen, rank, world)
         finite = out is not None
         if finite:
             total, parts = out

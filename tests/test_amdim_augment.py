@@ -195,3 +195,28 @@ def test_rank_slices_equal_the_global_batch(name):
 def test_to_float_rejects_non_uint8():
     with pytest.raises(ValueError, match="uint8"):
         augment.to_float(torch.zeros(1, 3, 4, 4))
+
+
+def test_images_of_their_own_sizes():
+    """A folder's images keep their sizes: resized crops are drawn inside each image from its own
+    height and width, translations and plain views start from each one's evaluation view; a rank's
+    rows still draw what one process draws for the global batch."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 60), (50, 50), (70, 35), (33, 90)]
+    imgs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    for name in ("amdim-imagenet", "amdim-cifar", "none"):
+        whole = augment.views(imgs, POLICIES[name], 32, torch.Generator().manual_seed(1))
+        assert whole[0].shape == (4, 3, 32, 32)
+        for rank in range(2):
+            part = augment.views(imgs[2 * rank:2 * rank + 2], POLICIES[name], 32,
+                                 torch.Generator().manual_seed(1), rank, 2)
+            assert torch.allclose(part[0], whole[0][2 * rank:2 * rank + 2], atol=1e-6), name
+    plain = augment.eval_view(augment.as_float(imgs, "cpu"), POLICIES["amdim-imagenet"], 32)
+    for i, im in enumerate(imgs):
+        assert torch.equal(plain[i:i + 1], augment.eval_view(augment.to_float(im[None]), POLICIES["amdim-imagenet"], 32))
+    h = torch.tensor([s[0] for s in sizes] * 250, dtype=torch.float32)
+    w = torch.tensor([s[1] for s in sizes] * 250, dtype=torch.float32)
+    top, left, ch, cw = augment.resized_crop_boxes(1000, h, w, POLICIES["amdim-imagenet"],
+                                                   torch.Generator().manual_seed(2)).unbind(1)
+    assert bool(((top >= 0) & (left >= 0) & (top + ch <= h) & (left + cw <= w) & (ch >= 1) & (cw >= 1)).all())
+    assert float((ch * cw / (h * w)).min()) > 0.25

@@ -81,9 +81,20 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def eval_view(x: torch.Tensor, policy: Policy, size: int) -> torch.Tensor:
-    """The evaluation view of float images x: shorter side resized to round(eval_resize * size), then
-    the central size x size crop."""
+def as_float(images, device) -> torch.Tensor | list[torch.Tensor]:
+    """uint8 images on `device` as floats in [0, 1] (see to_float): a (B, C, H, W) batch, or a list of
+    (C, H, W) images of their own sizes (a folder's) as a list of (3, H, W)."""
+    if isinstance(images, (list, tuple)):
+        return [to_float(im[None].to(device))[0] for im in images]
+    return to_float(images.to(device))
+
+
+def eval_view(x, policy: Policy, size: int) -> torch.Tensor:
+    """The evaluation views (B, 3, size, size) of float images x (a batch, or a list of images of
+    their own sizes): shorter side resized to round(eval_resize * size), then the central size x size
+    crop."""
+    if isinstance(x, (list, tuple)):
+        return torch.cat([eval_view(im[None], policy, size) for im in x])
     h, w = x.shape[-2:]
     side = round(policy.eval_resize * size)
     if (h, w) != (side, side) or side != size:
@@ -114,33 +125,34 @@ def translate(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, pad: int) -> 
     return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def resized_crop_boxes(n: int, h: int, w: int, policy: Policy, g: torch.Generator) -> torch.Tensor:
-    """(n, 4) crop boxes (top, left, height, width) in pixels, as torchvision's RandomResizedCrop
-    draws them: 10 tries of an area fraction and a log-uniform aspect ratio, the first that fits;
-    otherwise the largest central crop whose ratio is clamped into `ratio`."""
+def resized_crop_boxes(n: int, h, w, policy: Policy, g: torch.Generator, mine=slice(None)) -> torch.Tensor:
+    """Crop boxes (top, left, height, width) in pixels, as torchvision's RandomResizedCrop draws
+    them: 10 tries of an area fraction and a log-uniform aspect ratio, the first that fits;
+    otherwise the largest central box whose ratio is clamped into `ratio`. The random numbers are
+    drawn for n images and the rows `mine` kept; h, w: the image size, or a tensor of the kept
+    images' sizes (images of their own sizes). Returns (rows of mine, 4)."""
     tries = 10
-    area = _uniform((n, tries), *policy.scale, g) * (h * w)
-    r = torch.exp(_uniform((n, tries), math.log(policy.ratio[0]), math.log(policy.ratio[1]), g))
+    u_area = torch.rand((n, tries), generator=g, device=g.device)[mine]
+    u_ratio = torch.rand((n, tries), generator=g, device=g.device)[mine]
+    u_top = torch.rand(n, generator=g, device=g.device)[mine]
+    u_left = torch.rand(n, generator=g, device=g.device)[mine]
+    h = torch.as_tensor(h, dtype=torch.float32, device=g.device).expand(len(u_top))
+    w = torch.as_tensor(w, dtype=torch.float32, device=g.device).expand(len(u_top))
+    lo, hi = policy.ratio
+    area = (u_area * (policy.scale[1] - policy.scale[0]) + policy.scale[0]) * (h * w)[:, None]
+    r = torch.exp(u_ratio * (math.log(hi) - math.log(lo)) + math.log(lo))
     cw = torch.sqrt(area * r).round()
     ch = torch.sqrt(area / r).round()
-    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1, device=g.device))
-    pick = first.clamp(min=0)[:, None]
-    cw, ch = cw.gather(1, pick)[:, 0], ch.gather(1, pick)[:, 0]
+    fits = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
+    first = fits.float().argmax(1, keepdim=True)
+    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
     in_ratio = w / h
-    if in_ratio < policy.ratio[0]:
-        fw, fh = w, round(w / policy.ratio[0])
-    elif in_ratio > policy.ratio[1]:
-        fw, fh = round(h * policy.ratio[1]), h
-    else:
-        fw, fh = w, h
-    fallback = first < 0
-    cw = torch.where(fallback, torch.full_like(cw, fw), cw)
-    ch = torch.where(fallback, torch.full_like(ch, fh), ch)
-    top = torch.floor(torch.rand(n, generator=g, device=g.device) * (h - ch + 1))
-    left = torch.floor(torch.rand(n, generator=g, device=g.device) * (w - cw + 1))
-    top = torch.where(fallback, ((h - ch) / 2).round(), top)
-    left = torch.where(fallback, ((w - cw) / 2).round(), left)
+    fw = torch.where(in_ratio > hi, (h * hi).round(), w)
+    fh = torch.where(in_ratio < lo, (w / lo).round(), h)
+    fallback = ~fits.any(1)
+    cw, ch = torch.where(fallback, fw, cw), torch.where(fallback, fh, ch)
+    top = torch.where(fallback, ((h - ch) / 2).round(), torch.floor(u_top * (h - ch + 1)))
+    left = torch.where(fallback, ((w - cw) / 2).round(), torch.floor(u_left * (w - cw + 1)))
     return torch.stack([top, left, ch, cw], 1)
 
 
@@ -250,22 +262,36 @@ def views(images: torch.Tensor, policy: Policy, size: int, generator: torch.Gene
           rank: int = 0, world: int = 1, count: int = 2) -> list[torch.Tensor]:
     """Return `count` augmented float views in [0, 1] of shape (b, 3, size, size), b = len(images).
 
-    `images` (uint8, on any device) are this rank's rows of a global batch of b * world images;
-    parameters are drawn for all b * world images and this rank's slice is applied. One horizontal
-    flip per image is shared by all its views."""
+    `images` (uint8 on any device: a (b, C, H, W) batch, or a list of b images of their own sizes)
+    are this rank's rows of a global batch of b * world images; parameters are drawn for all
+    b * world images and this rank's slice is applied. One horizontal flip per image is shared by
+    all its views. Translations and plain views shift the evaluation view; resized crops are drawn
+    from the full stored image."""
     if policy.crop not in CROPS:
         raise ValueError(f"policy.crop must be one of {CROPS}, got {policy.crop!r}")
     g = generator
-    x = to_float(images.to(g.device))
-    b, _, h, w = x.shape
+    x = as_float(images, g.device)
+    ragged = isinstance(x, list)
+    b = len(x)
     n = b * world
     mine = slice(rank * b, (rank + 1) * b)
     flip = (torch.rand(n, generator=g, device=g.device) < policy.p_flip)[mine]
+    if ragged:
+        h = torch.tensor([im.shape[-2] for im in x], dtype=torch.float32)
+        w = torch.tensor([im.shape[-1] for im in x], dtype=torch.float32)
+    else:
+        h, w = x.shape[-2:]
+    if policy.crop != "resized":   # translations and plain views start from the evaluation view
+        x = eval_view(x, policy, size)
     out = []
     for _ in range(count):
         if policy.crop == "resized":
-            boxes = resized_crop_boxes(n, h, w, policy, g)[mine]
-            v = crop_resize(x, boxes, flip, size, policy.interpolation)
+            boxes = resized_crop_boxes(n, h, w, policy, g, mine)
+            if ragged:
+                v = torch.cat([crop_resize(im[None], boxes[i:i + 1], flip[i:i + 1], size, policy.interpolation)
+                               for i, im in enumerate(x)])
+            else:
+                v = crop_resize(x, boxes, flip, size, policy.interpolation)
         else:
             v = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             if policy.crop == "translate":
@@ -273,6 +299,5 @@ def views(images: torch.Tensor, policy: Policy, size: int, generator: torch.Gene
                 on = torch.rand(n, generator=g, device=g.device) < policy.p_translate
                 d = torch.randint(-t, t + 1, (n, 2), generator=g, device=g.device) * on[:, None]
                 v = translate(v, d[mine, 0], d[mine, 1], t)
-            v = eval_view(v, policy, size)
         out.append(Jitter(n, policy, g).apply(v, mine))
     return out
