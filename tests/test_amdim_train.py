@@ -186,3 +186,11 @@ def test_trains_on_stl10_with_unlabeled_images_and_on_a_folder(tmp_path):
     summary, _ = _run(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", "32",
                       "--batch-size", "8", "--epochs", "1", name="folder")
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+
+
+def test_amdim_epoch_line_shows_each_cost_as_an_epoch_mean():
+    rec = {"epoch": 2, "images_per_s": 512.3, "test_acc_mlp": 0.5, "test_acc_lin": 0.25,
+           "mean": {"loss": 20.5, "1t5": 6.0, "1t7": 7.0, "5t5": 7.25, "lgt_reg": 0.25, "cls_mlp": 2.0}}
+    assert metrics.epoch_line(rec, 30, "amdim") == (
+        "epoch 2/30 | mean loss 20.5000 (1t5 6.0000, 1t7 7.0000, 5t5 7.2500, lgt_reg 0.2500) | 512 img/s | "
+        "online classifiers' test accuracy: mlp 0.500, lin 0.250")

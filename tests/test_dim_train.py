@@ -77,3 +77,23 @@ def test_evaluate_probes_the_three_dim_representations(tmp_path):
     assert set(only_y["layers"]) == {"y"}
     with pytest.raises(ValueError, match="match none"):
         evaluate.evaluate(ck, layers=["r1"])
+
+
+def test_epoch_line_shows_the_mi_terms_and_the_prior_losses_as_epoch_means(tmp_path, capsys):
+    """DIM's epoch line reports the MI estimates and the prior game's two losses apart, each the mean
+    over the epoch's steps (the metrics hold every step with --log-every 1), not their weighted sum."""
+    summary, _ = _run(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "3", "--dim-preset", "G",
+                      "--beta", "1")
+    out = capsys.readouterr().out
+    with open(tmp_path / "run" / METRICS) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if r["kind"] == "train"]
+    epoch = next(r for r in records if r["kind"] == "epoch")
+    assert len(steps) == 3
+    for k in ("mi_global", "mi_local", "prior_disc", "prior_gen", "prior_gp", "loss"):
+        assert epoch["mean"][k] == pytest.approx(np.mean([r[k] for r in steps]), rel=1e-6), k
+    line = next(ln for ln in out.splitlines() if ln.startswith("epoch 1/1 |"))
+    m = epoch["mean"]
+    assert (f"global MI {m['mi_global']:.4f}; local MI {m['mi_local']:.4f}; prior: discriminator loss "
+            f"{m['prior_disc']:.4f}, encoder's generator loss {m['prior_gen']:.4f}") in line
+    assert "mean loss" not in line
