@@ -95,17 +95,6 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes) -> dict:
             "ridge_penalty": best, "val_top1_by_penalty": {str(k): v for k, v in val.items()}}
 
 
-def _resolve_data_path(ck_args: dict, data_path):
-    """--data-path, else the checkpoint's, which is stored absolute (older relative ones are taken
-    relative to the directory training ran in, when it was recorded)."""
-    if data_path is not None or ck_args.get("data_path") is None:
-        return data_path
-    path = ck_args["data_path"]
-    if not os.path.isabs(path) and ck_args.get("cwd"):
-        path = os.path.join(ck_args["cwd"], path)
-    return path
-
-
 def evaluate(checkpoint_path: str, features="trained", data_path=None, device="auto", seed=0,
              layers=None) -> dict:
     """Linear probe of a checkpoint's frozen representations (or of the baselines: `features` =
@@ -121,7 +110,8 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
     if not isinstance(a, dict) or not isinstance(arch, dict) or "n_classes" not in ck:
         raise ValueError(f"--checkpoint {checkpoint_path!r} lacks the run's options (args / arch / "
                          f"n_classes): not written by amdim.train")
-    ds = data.load(arch["dataset"], _resolve_data_path(a, data_path), arch["image_size"])
+    # --data-path, else the checkpoint's (stored absolute)
+    ds = data.load(arch["dataset"], data_path if data_path is not None else a.get("data_path"), arch["image_size"])
     size = arch["image_size"]
     policy = augment.POLICIES[a["augment"]]   # its evaluation view
     dev = pick_device(device, 0)

@@ -324,8 +324,8 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
 
 def continuation_options(cfg: Config, steps: int) -> dict:
     """The options besides the architecture that an exact continuation must keep: the objective
-    (its kernels' backend aside), the augmentation, the batch and the data order. (The learning rate, the epochs and
-    the runtime options may change.)"""
+    (its kernels' backend aside), the augmentation, the batch and the data order. (The optimiser's
+    settings and schedule, the epochs and the runtime options may change.)"""
     keep = {"batch_size": cfg.optim.batch_size, "steps_per_epoch": steps, "seed": cfg.run.seed,
             "augment": cfg.data.augment}
     objective = {f.name for f in dataclasses.fields(cfg.objective)} - {"loss_backend"}
@@ -342,10 +342,12 @@ def _restore(run: Run, ck: dict) -> None:
               for k, v in continuation_options(run.cfg, run.steps).items() if saved.get(k) != v]
     if differ:
         raise ValueError(f"{what} cannot continue exactly with other training options: "
-                         + "; ".join(differ) + " (only --lr, --epochs and runtime options may change; "
-                         "start a new run with --out-dir to change them)")
+                         + "; ".join(differ) + " (only the optimiser's settings and schedule, --epochs and "
+                         "runtime options may change; start a new run with --out-dir to change them)")
     run.model.load_state_dict(ck["model"])
-    run.optimizer.load_state_dict(ck["optimizer"])   # each step sets its rate from the config
+    run.optimizer.load_state_dict(ck["optimizer"])
+    for group in run.optimizer.param_groups:   # this run's settings (each step sets its rate)
+        group["betas"], group["weight_decay"] = tuple(run.cfg.optim.betas), run.cfg.optim.weight_decay
     if run.scaler is not None and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     checkpoint.set_rng_state(ck["rng"], run.aug_gen)

@@ -285,3 +285,19 @@ def test_evaluate_checks_its_json_path_first(trained, tmp_path):
                           "--json", str(tmp_path / "missing" / "r.json")], capture_output=True, text=True,
                          timeout=120)
     assert cli.returncode != 0 and "error: --json" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_resume_takes_this_runs_optimiser_settings(trained, tmp_path):
+    """The optimiser's settings may change on resume: the restored Adam uses the new ones."""
+    from amdim import run_dir
+    from amdim.config import resolve
+    args = train.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path / "o"), "--epochs", "2",
+                                                   "--steps-per-epoch", "2", "--resume", str(trained),
+                                                   "--betas", "0.9,0.99", "--weight-decay", "0.001"])
+    cfg = resolve(train.given_options(args))
+    try:
+        run = train.setup(cfg, 0, 1, 0)
+    finally:
+        run_dir.release(cfg.run.out_dir)
+    group = run.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"]) == ((0.9, 0.99), 0.001) and run.start_epoch == 1
