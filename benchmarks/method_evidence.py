@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 ROOT = harness.ROOT
+sys.path.insert(0, str(ROOT))   # the checkout's amdim, as the `python -m amdim.train` it runs from ROOT
 RESULTS = HERE / "results"
 TAG = "METHOD_EVIDENCE_LOSS "
 
