@@ -24,7 +24,7 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "amdim.train checkpoint"
-VERSION = 2
+VERSION = 3   # 3: the official AMDIM residual blocks and online classifiers, DIM as rdevon/DIM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +143,10 @@ def load(path: str, what: str = "checkpoint") -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{what} {path!r} is not an amdim.train checkpoint "
                          f"(no {FORMAT!r} marker; files of versions before 0.2 are not supported)")
+    if ck.get("version") != VERSION:
+        raise ValueError(f"{what} {path!r} was written by another version of amdim.train (checkpoint "
+                         f"version {ck.get('version')!r}, this one reads {VERSION}): its model layout "
+                         f"differs; train it again")
     missing = [k for k in ("model", "args", "epoch", "step", "sha256") if k not in ck]
     if missing:
         raise ValueError(f"{what} {path!r} is incomplete: missing {', '.join(missing)}")
@@ -157,22 +161,18 @@ def load(path: str, what: str = "checkpoint") -> dict:
 # ----------------------------------------------------------------------------------------------
 # what the weights mean: the architecture options, and the model they build
 
-METHODS = ("amdim", "dim")
-_ARCH_OPTIONS = {"amdim": ("dataset", "image_size", "ndf", "n_rkhs", "n_depth", "use_bn", "n_mix"),
-                 "dim": ("dataset", "image_size", "ndf", "y_dim", "local_arch", "prior")}
-
-
-def architecture(args: dict, image_size: int) -> dict:
-    """The options that fix the shapes of the saved weights (image_size resolved, not None).
-
-    For DIM also which critics exist: a zero weight builds no critic (DDP needs every parameter
-    to receive a gradient), so a resumed run must keep each weight zero or non-zero."""
-    method = args.get("method", "amdim")
-    arch = {"method": method, **{k: args.get(k) for k in _ARCH_OPTIONS[method]}, "image_size": image_size}
-    if method == "dim":
-        arch.update(global_critic=args["alpha"] > 0, local_critic=args["beta"] > 0)
-        if not arch["local_critic"]:   # no local critic: its architecture does not exist
-            arch["local_arch"] = None
+def architecture(cfg) -> dict:
+    """The options that fix the shapes of the saved weights: the method, the dataset and image size,
+    and the model config (amdim.config). For DIM the model config says which critics exist (a zero
+    weight builds none: DDP needs every parameter to receive a gradient), so a resumed run must keep
+    each of alpha and beta zero or non-zero."""
+    import dataclasses
+    arch = {"method": cfg.method, "dataset": cfg.data.dataset, "image_size": cfg.data.image_size,
+            **dataclasses.asdict(cfg.model)}
+    if cfg.method == "dim" and not arch["use_local"]:   # no local critic: its architecture does not exist
+        arch["local_arch"] = None
+    if cfg.method == "dim" and not arch["use_global"]:
+        arch["global_arch"] = None
     return arch
 
 
@@ -184,7 +184,7 @@ def check_architecture(saved: dict, current: dict, what: str) -> None:
     differ = []
     for k in sorted(set(saved) | set(current)):
         if saved.get(k) != current.get(k):
-            opt = {"global_critic": "--alpha", "local_critic": "--beta"}.get(
+            opt = {"use_global": "--alpha", "use_local": "--beta"}.get(
                 k, "--" + k.replace("_", "-"))
             differ.append(f"{opt} {saved.get(k)!r} (checkpoint) vs {current.get(k)!r}")
     if differ:
@@ -194,10 +194,10 @@ def check_architecture(saved: dict, current: dict, what: str) -> None:
 def build_model(arch: dict, n_classes: int) -> torch.nn.Module:
     """A fresh model of the architecture `arch` (see `architecture`)."""
     if arch["method"] == "dim":
-        from .dim import DIM
-        return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"],
-                   local_arch=arch["local_arch"] or "dot", prior=arch["prior"], use_global=arch["global_critic"],
-                   use_local=arch["local_critic"])
-    from .model import AMDIM
+        from .dim_model import DIM
+        return DIM(arch["image_size"], n_classes, ndf=arch["ndf"], y_dim=arch["y_dim"], mi_units=arch["mi_units"],
+                   local_arch=arch["local_arch"] or "dot", global_arch=arch["global_arch"] or "dot",
+                   prior=arch["prior"], use_global=arch["use_global"], use_local=arch["use_local"])
+    from .amdim_model import AMDIM
     return AMDIM(arch["image_size"], arch["ndf"], arch["n_rkhs"], arch["n_depth"], arch["use_bn"],
                  n_classes, arch["n_mix"] or 1)

@@ -20,35 +20,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, checkpoint, data
+from . import checkpoint
+from .data import augment, datasets as data
 from .distributed import pick_device
 
 FEATURES = ("trained", "random", "pixels")
 RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)   # times the number of training rows
 
 
-def image_batches(imageset, size, device, batch=256):
-    """(images as floats in [0, 1] at size x size on device, labels), batch by batch, in order."""
+def image_batches(imageset, size, device, policy, batch=256):
+    """(evaluation views (augment.eval_view) as floats in [0, 1] at size x size on device, labels),
+    batch by batch, in order."""
     for i in range(0, len(imageset), batch):
         x, y = imageset.batch(np.arange(i, min(i + batch, len(imageset))))
-        yield augment.resize(augment.to_float(x.to(device)), size), y
+        yield augment.eval_view(augment.as_float(x, device), policy, size), y
 
 
 @torch.no_grad()
-def encode(model, imageset, size, device) -> dict:
+def encode(model, imageset, size, device, policy) -> dict:
     """model.probe_features of every image (eval mode, no augmentation): {layer: (N, F) on CPU}."""
     was_training = model.training
     model.eval()
     out = {}
-    for x, _ in image_batches(imageset, size, device):
+    for x, _ in image_batches(imageset, size, device, policy):
         for name, f in model.probe_features(x).items():
             out.setdefault(name, []).append(f.flatten(1).float().cpu())
     model.train(was_training)
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def pixels(imageset, size) -> torch.Tensor:
-    return torch.cat([x.flatten(1) for x, _ in image_batches(imageset, size, "cpu", batch=512)])
+def pixels(imageset, size, policy) -> torch.Tensor:
+    return torch.cat([x.flatten(1) for x, _ in image_batches(imageset, size, "cpu", policy, batch=512)])
 
 
 def ridge_fit(x, y, n_classes, lambdas):
@@ -93,17 +95,6 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes) -> dict:
             "ridge_penalty": best, "val_top1_by_penalty": {str(k): v for k, v in val.items()}}
 
 
-def _resolve_data_path(ck_args: dict, data_path):
-    """--data-path, else the checkpoint's, which is stored absolute (older relative ones are taken
-    relative to the directory training ran in, when it was recorded)."""
-    if data_path is not None or ck_args.get("data_path") is None:
-        return data_path
-    path = ck_args["data_path"]
-    if not os.path.isabs(path) and ck_args.get("cwd"):
-        path = os.path.join(ck_args["cwd"], path)
-    return path
-
-
 def evaluate(checkpoint_path: str, features="trained", data_path=None, device="auto", seed=0,
              layers=None) -> dict:
     """Linear probe of a checkpoint's frozen representations (or of the baselines: `features` =
@@ -119,12 +110,14 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
     if not isinstance(a, dict) or not isinstance(arch, dict) or "n_classes" not in ck:
         raise ValueError(f"--checkpoint {checkpoint_path!r} lacks the run's options (args / arch / "
                          f"n_classes): not written by amdim.train")
-    ds = data.load(arch["dataset"], _resolve_data_path(a, data_path), arch["image_size"])
+    # --data-path, else the checkpoint's (stored absolute)
+    ds = data.load(arch["dataset"], data_path if data_path is not None else a.get("data_path"), arch["image_size"])
     size = arch["image_size"]
+    policy = augment.POLICIES[a["augment"]]   # its evaluation view
     dev = pick_device(device, 0)
     labeled = ds.train_labeled
     if features == "pixels":
-        tr, te = {"pixels": pixels(labeled, size)}, {"pixels": pixels(ds.test, size)}
+        tr, te = {"pixels": pixels(labeled, size, policy)}, {"pixels": pixels(ds.test, size, policy)}
     else:
         torch.manual_seed(seed)
         model = checkpoint.build_model(arch, ck["n_classes"]).to(dev)
@@ -133,7 +126,7 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
         else:   # a random encoder still sees normalised inputs, like the trained one
             norm = {k: v for k, v in ck["model"].items() if k.startswith("normalize.")}
             model.load_state_dict(norm, strict=False)
-        tr, te = encode(model, labeled, size, dev), encode(model, ds.test, size, dev)
+        tr, te = encode(model, labeled, size, dev, policy), encode(model, ds.test, size, dev, policy)
         bad = [n for n in tr if not (torch.isfinite(tr[n]).all() and torch.isfinite(te[n]).all())]
         if bad:
             raise ValueError(f"--checkpoint {checkpoint_path!r} gives non-finite {', '.join(bad)} features "

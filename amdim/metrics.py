@@ -87,15 +87,29 @@ class MetricsLog:
             self.tb.flush()
 
 
-def epoch_line(rec: dict, epochs: int) -> str:
-    """One human-readable line for an epoch record (the JSON goes to metrics.jsonl)."""
+def epoch_line(rec: dict, epochs: int, method: str = "amdim") -> str:
+    """One human-readable line for an epoch record (the JSON goes to metrics.jsonl): the epoch means
+    of the objective's terms, apart. AMDIM: the total and each NCE cost and lgt_reg. DIM: the MI
+    estimates themselves (higher is better) and the prior game's two losses, not their weighted sum,
+    whose rise (the discriminator winning) would hide a rising MI estimate."""
+    mean = rec.get("mean") or {}
     parts = [f"epoch {rec['epoch']}/{epochs}"]
-    if rec.get("last_loss") is not None:
-        parts.append(f"loss {rec['last_loss']:.4f}")
+    if method == "dim":
+        terms = [f"{name} {mean[k]:.4f}" for k, name in (("mi_global", "global MI"), ("mi_local", "local MI"))
+                 if k in mean]
+        if "prior_disc" in mean:
+            terms.append(f"prior: discriminator loss {mean['prior_disc']:.4f}, "
+                         f"encoder's generator loss {mean['prior_gen']:.4f}")
+        if terms:
+            parts.append("mean " + "; ".join(terms))
+    elif mean:
+        costs = ", ".join(f"{k} {v:.4f}" for k, v in mean.items()
+                          if k != "loss" and not k.startswith("cls_"))
+        parts.append(f"mean loss {mean['loss']:.4f} ({costs})")
     parts.append(f"{rec['images_per_s']:.0f} img/s")
-    if "test_acc_lin" in rec:
-        parts.append(f"online classifiers' test accuracy: linear {rec['test_acc_lin']:.3f}, "
-                     f"MLP {rec['test_acc_mlp']:.3f}")
+    accs = [f"{k[len('test_acc_'):]} {v:.3f}" for k, v in rec.items() if k.startswith("test_acc_")]
+    if accs:
+        parts.append("online classifiers' test accuracy: " + ", ".join(accs))
     if "peak_gpu_mib" in rec:
         parts.append(f"peak GPU memory {rec['peak_gpu_mib']:.0f} MiB")
     return " | ".join(parts)

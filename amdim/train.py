@@ -1,14 +1,19 @@
 """Train an AMDIM or Deep InfoMax encoder: `python -m amdim.train [options]`, or on K processes
 `torchrun --nproc_per_node=K -m amdim.train [options]` (DistributedDataParallel; NCCL on GPUs,
-gloo on CPU). The defaults train AMDIM on the built-in digits dataset in about a minute on an
-idle 2-core CPU; `--method dim` trains Deep InfoMax (DIM(L) by default, `--dim-preset G` for DIM(G)).
+gloo on CPU). The defaults train AMDIM on the built-in digits dataset on a CPU; `--method dim`
+trains Deep InfoMax (DIM(L) by default, `--dim-preset G` for DIM(G)).
 
-Every rank scores its sources against the targets of the global batch (amdim/objective.py), so K
-processes with --batch-size B train exactly as one process with --batch-size B would.
+Every rank scores its sources against the targets of the global batch (amdim/amdim_objective.py),
+so K processes with --batch-size B train exactly as one process with --batch-size B would.
+
+The run is a few named steps: `setup` (options resolved once into amdim.config.Config, the run
+directory, data, model, optimiser, a resumed state), `train_one_epoch`, and `train` (the epochs,
+a checkpoint after each); `run` ties them together with collective error handling.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -19,23 +24,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from . import augment, checkpoint, data
-from .checkpoint import CHECKPOINT, METHODS
+from . import checkpoint, optim, run_dir
+from .amdim_model import ENCODER_SIZES
+from .amdim_objective import COSTS, parse_costs
+from .config import DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, Config, default_text, resolve
+from .data import augment, datasets as data
 from .distributed import agree, convert_batchnorm, init_distributed, pick_device
 from .evaluate import image_batches
-from .metrics import METRICS, MetricsLog, Progress, epoch_line
 from .methods import make_step
-from .model import ENCODER_SIZES, AMDIM  # noqa: F401  (AMDIM: re-exported for scripts)
-from .dim_objective import PRESETS as DIM_PRESETS
-from .objective import COSTS, DEFAULT_COSTS, ESTIMATORS, LOSS_BACKENDS, parse_costs
+from .recipes import RECIPES
+from .metrics import METRICS, MetricsLog, Progress, epoch_line
 
 EXIT_NON_FINITE = 3
 EXIT_IO = 4
-DIM_ONLY = ("alpha", "beta", "gamma", "local_arch", "prior", "y_dim", "dim_preset", "dim_augment")
-AMDIM_ONLY = ("costs", "dense", "n_rkhs", "n_depth", "use_bn", "n_mix", "mix_tau", "mix_alpha", "tclip",
-              "reg_weight")
 
 
 def positive_int(s):
@@ -52,11 +54,41 @@ def positive_float(s):
     return v
 
 
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
 def nonneg_float(s):
     v = float(s)
     if not (v >= 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
     return v
+
+
+def betas_arg(s):
+    try:
+        b = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        b = ()
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) separated by a comma, got {s!r}")
+    return b
+
+
+def milestones_arg(s):
+    if s.strip().lower() == "none":
+        return ()
+    try:
+        m = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        m = (-1,)
+    if any(x < 1 for x in m) or list(m) != sorted(set(m)):
+        raise argparse.ArgumentTypeError(f"must be increasing positive epochs separated by commas, or "
+                                         f"none, got {s!r}")
+    return m
 
 
 def costs_arg(s):
@@ -67,75 +99,98 @@ def costs_arg(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option defaults to None ("not given"): amdim.config.resolve fills the defaults, so an
+    explicit value can be told from a default. The help text names each default."""
     p = argparse.ArgumentParser(prog="python -m amdim.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="amdim",
-                   help="amdim: Augmented Multiscale DIM; dim: Deep InfoMax (global/local MI, prior matching)")
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(group, name, help, **kw):
+        d = "" if "default:" in help else default_text(name.lstrip("-").replace("-", "_"))
+        group.add_argument(name, default=None, help=f"{help} ({d})" if d else help, **kw)
+
+    add(p, "--method", "amdim: Augmented Multiscale DIM; dim: Deep InfoMax (global/local MI, prior matching)",
+        choices=METHODS)
+    add(p, "--recipe", "start from an official recipe (its method, dataset, sizes, batch, optimiser, schedule, "
+                       "epochs and augmentation; explicit options override it): "
+                       + "; ".join(f"{k}: {v['method']} on {v['dataset']}" for k, v in RECIPES.items()),
+        choices=tuple(RECIPES))
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=data.DATASETS, default="digits",
-                   help="digits (and the other built-ins) need no download; cifar10/100, stl10 and folder read --data-path")
-    g.add_argument("--data-path", default=None, help="directory of the dataset (not used by the built-ins)")
-    g.add_argument("--image-size", type=int, choices=ENCODER_SIZES, default=None,
-                   help="encoder input size; default: 32 for digits/CIFAR, 64 for STL-10 and folders")
+    add(g, "--dataset", "digits and shapes are built in (no download); cifar10/100, stl10 and folder "
+                        "read --data-path", choices=data.DATASETS)
+    add(g, "--data-path", "directory of the dataset (not used by the built-ins)")
+    add(g, "--augment", "augmentation policy of the training views (default: the official one for the method "
+                        "and dataset: amdim-cifar for 32 px data, amdim-stl for stl10, amdim-imagenet for "
+                        "folder; for dim none, and dim-stl for stl10 and folder)", choices=tuple(augment.POLICIES))
+    add(g, "--image-size", "encoder input size (default: 32 for digits/shapes/CIFAR, 64 for STL-10 and folders)",
+        type=int, choices=ENCODER_SIZES)
     g = p.add_argument_group("model")
-    g.add_argument("--ndf", type=positive_int, default=None,
-                   help="base channel width of the encoder (default: 16 for amdim, 32 for dim)")
-    g.add_argument("--n-rkhs", type=positive_int, default=128, help="AMDIM: embedding size of r1, r5, r7")
-    g.add_argument("--n-depth", type=positive_int, default=1, help="AMDIM: residual layers per encoder stage")
-    g.add_argument("--use-bn", action="store_true", help="AMDIM: batch norm inside the encoder trunk")
-    g.add_argument("--y-dim", type=positive_int, default=64, help="DIM: size of the representation Y")
+    add(g, "--ndf", "base channel width of the encoder", type=positive_int)
+    add(g, "--n-rkhs", "AMDIM: embedding size of r1, r5, r7", type=positive_int)
+    add(g, "--n-depth", "AMDIM: residual layers per encoder stage", type=positive_int)
+    add(g, "--use-bn", "AMDIM: batch norm inside the encoder trunk", action=argparse.BooleanOptionalAction)
+    add(g, "--n-mix", "AMDIM: mixture components of the global feature for the 1->5 / 1->7 costs (1: none)",
+        type=positive_int)
+    add(g, "--y-dim", "DIM: size of the representation Y", type=positive_int)
+    add(g, "--mi-units", "DIM: embedding size of the dot-product critics", type=positive_int)
+    add(g, "--local-arch", "DIM: local critic, encoder-and-dot-product (fused kernels) or concat-and-convolve",
+        choices=("dot", "concat"))
+    add(g, "--global-arch", "DIM: global critic, a dot product of the encoded map and Y (rdevon/DIM) or an MLP "
+                            "on their concatenation (the DIM paper's appendix)", choices=("dot", "concat"))
+    add(g, "--prior", "DIM: prior for prior matching (uniform: sigmoid(Y) is matched to U[0, 1])",
+        choices=("uniform", "gaussian", "none"))
     g = p.add_argument_group("objective")
-    g.add_argument("--estimator", choices=ESTIMATORS, default=None,
-                   help="mutual-information bound: nce (InfoNCE), jsd (Jensen-Shannon) or dv (Donsker-"
-                        "Varadhan); default: nce for amdim, jsd for dim (each paper's choice)")
-    g.add_argument("--loss-backend", choices=LOSS_BACKENDS, default="fused",
-                   help="fused: amdim_kernels' kernels for the device; reference: plain PyTorch")
-    g.add_argument("--costs", type=costs_arg, default=",".join(DEFAULT_COSTS),
-                   help=f"AMDIM: comma-separated NCE costs, from {','.join(COSTS)} (src scale 't' trg scale)")
-    g.add_argument("--dense", action="store_true",
-                   help="AMDIM: 5x5/7x7 sources use every location (N = B*25 or B*49) instead of one per image")
-    g.add_argument("--tclip", type=positive_float, default=20.0, help="AMDIM: soft clip of the scores")
-    g.add_argument("--reg-weight", type=nonneg_float, default=0.05, help="AMDIM: weight of the score regulariser")
-    g.add_argument("--n-mix", type=positive_int, default=1,
-                   help="AMDIM: mixture components of the global feature for the 1->5 / 1->7 costs (1: none)")
-    g.add_argument("--mix-tau", type=positive_float, default=1.0, help="AMDIM: mixture softmax temperature tau")
-    g.add_argument("--mix-alpha", type=nonneg_float, default=None,
-                   help="AMDIM: weight of the mixture entropy bonus (default 1/tau, which makes q optimal)")
-    g.add_argument("--dim-preset", choices=tuple(DIM_PRESETS), default="L",
-                   help="DIM: the DIM paper's configuration, giving the defaults of --alpha/--beta/--gamma: "
-                        + "; ".join(f"{k}: alpha={v['alpha']:g}, beta={v['beta']:g}, gamma={v['gamma']:g}"
-                                    for k, v in DIM_PRESETS.items()))
-    g.add_argument("--alpha", type=nonneg_float, default=None, help="DIM: weight of the global MI term")
-    g.add_argument("--beta", type=nonneg_float, default=None, help="DIM: weight of the local MI term")
-    g.add_argument("--gamma", type=nonneg_float, default=None, help="DIM: weight of prior matching")
-    g.add_argument("--local-arch", choices=("dot", "concat"), default="dot",
-                   help="DIM: local critic, encoder-and-dot-product (fused kernels) or concat-and-convolve")
-    g.add_argument("--prior", choices=("uniform", "gaussian", "none"), default="uniform",
-                   help="DIM: prior of Y for prior matching (uniform also squashes Y with a sigmoid)")
-    g.add_argument("--dim-augment", action="store_true",
-                   help="DIM: train on one augmented view of each image (default: the plain images, as the paper)")
+    add(g, "--estimator", "mutual-information bound: nce (InfoNCE), jsd (Jensen-Shannon) or dv "
+                          "(Donsker-Varadhan)", choices=ESTIMATORS)
+    add(g, "--loss-backend", "fused: amdim_kernels' kernels for the device; reference: plain PyTorch",
+        choices=LOSS_BACKENDS)
+    add(g, "--costs", f"AMDIM: comma-separated NCE costs, from {','.join(COSTS)} (src scale 't' trg scale)",
+        type=costs_arg)
+    add(g, "--dense", "AMDIM: 5x5/7x7 sources use every location (N = B*25 or B*49) instead of one per image",
+        action=argparse.BooleanOptionalAction)
+    add(g, "--tclip", "AMDIM: soft clip of the scores", type=positive_float)
+    add(g, "--reg-weight", "AMDIM: weight of the score regulariser", type=nonneg_float)
+    add(g, "--mix-tau", "AMDIM: mixture softmax temperature tau", type=positive_float)
+    add(g, "--mix-alpha", "AMDIM: weight of the mixture entropy bonus (default: 1/tau, which makes q optimal)",
+        type=nonneg_float)
+    add(g, "--dim-preset", "DIM: the DIM paper's configuration, giving the defaults of --alpha/--beta/--gamma: "
+        + "; ".join(f"{k}: alpha={v['alpha']:g}, beta={v['beta']:g}, gamma={v['gamma']:g}"
+                    for k, v in DIM_PRESETS.items()), choices=tuple(DIM_PRESETS))
+    add(g, "--alpha", "DIM: weight of the global MI term (default: the preset's)", type=nonneg_float)
+    add(g, "--beta", "DIM: weight of the local MI term (default: the preset's)", type=nonneg_float)
+    add(g, "--gamma", "DIM: weight of prior matching (default: the preset's)", type=nonneg_float)
+    add(g, "--prior-gp", "DIM: weight of the prior discriminator's gradient penalty", type=nonneg_float)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set")
-    g.add_argument("--batch-size", type=positive_int, default=64,
-                   help="GLOBAL batch size (split evenly over torchrun processes)")
-    g.add_argument("--lr", type=positive_float, default=5e-4, help="Adam learning rate (encoder, critics and online classifiers)")
-    g.add_argument("--steps-per-epoch", type=positive_int, default=None,
-                   help="cap on steps per epoch (default: one pass over the training set)")
-    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and sampling")
+    add(g, "--epochs", "passes over the training set", type=positive_int)
+    add(g, "--batch-size", "GLOBAL batch size (split evenly over torchrun processes)", type=positive_int)
+    add(g, "--steps-per-epoch", "cap on steps per epoch (default: one pass over the training set)",
+        type=positive_int)
+    add(g, "--lr", "Adam learning rate (encoder, critics and online classifiers)", type=positive_float)
+    add(g, "--betas", "Adam's beta1,beta2", type=betas_arg)
+    add(g, "--weight-decay", "Adam's L2 weight decay", type=nonneg_float)
+    add(g, "--warmup-steps", "linear learning-rate warm-up over this many updates (0: none)", type=nonneg_int)
+    add(g, "--lr-milestones", "epochs after which the learning rate is multiplied by --lr-decay, or none "
+                              "(default: 5/6 and 14/15 of --epochs for amdim, amdim-public's 250,280 of 300; "
+                              "none for dim)", type=milestones_arg)
+    add(g, "--lr-decay", "factor of each learning-rate decay", type=positive_float)
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
-                   help="mixed precision on CUDA (auto: bf16 where supported); CPU runs in fp32")
-    g.add_argument("--out-dir", default=None,
-                   help="checkpoint, metrics.jsonl and TensorBoard logs (default: runs/<method>)")
-    g.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue exactly from this checkpoint (same later losses as an uninterrupted run)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out-dir (without it such a run is refused)")
-    g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines")
-    g.add_argument("--no-eval", action="store_true", help="skip the per-epoch test accuracy of the online classifiers")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (plain lines every --log-every steps)")
+    add(g, "--seed", "seeds initialisation, data order, augmentation and sampling", type=int)
+    add(g, "--device", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    add(g, "--amp", "mixed precision on CUDA (auto: bf16 where supported); CPU runs in fp32",
+        choices=("auto", "none", "bf16", "fp16"))
+    add(g, "--out-dir", "checkpoint, metrics.jsonl and TensorBoard logs (default: runs/<method>)")
+    add(g, "--resume", "continue exactly from this checkpoint (same later losses as an uninterrupted run)",
+        metavar="CHECKPOINT")
+    add(g, "--overwrite", "replace the run already in --out-dir (without it such a run is refused)",
+        action="store_true")
+    add(g, "--log-every", "steps between metric lines", type=positive_int)
+    add(g, "--no-eval", "skip the per-epoch test accuracy of the online classifiers", action="store_true")
+    add(g, "--no-progress", "no progress bar (plain lines every --log-every steps)", action="store_true")
     return p
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The options given on the command line: those not None."""
+    return {k: v for k, v in vars(args).items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,41 +202,6 @@ class Stop(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
-
-
-def resolve_options(args, parser_defaults: dict | None = None) -> None:
-    """Fill method-dependent defaults in place; ValueError naming options that do not fit --method."""
-    defaults = parser_defaults or vars(build_parser().parse_args([]))
-    other = DIM_ONLY if args.method == "amdim" else AMDIM_ONLY
-    misplaced = [k for k in other if getattr(args, k) != defaults[k]]
-    if misplaced:
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in misplaced)} "
-                         f"{'does' if len(misplaced) == 1 else 'do'} not apply to --method {args.method}")
-    if args.ndf is None:
-        args.ndf = 32 if args.method == "dim" else 16
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", args.method)
-    if args.method == "dim":
-        if args.image_size not in (None, 32, 64):
-            raise ValueError(f"--image-size {args.image_size} is not available for --method dim "
-                             f"(its encoders take 32 or 64 px images)")
-        args.estimator = args.estimator or "jsd"
-        for k, v in DIM_PRESETS[args.dim_preset].items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-        if args.alpha == 0 and args.beta == 0:
-            raise ValueError("--alpha and --beta are both 0: DIM needs a global or a local MI term")
-        if args.gamma > 0 and args.prior == "none":
-            raise ValueError(f"--gamma {args.gamma:g} weights prior matching, but --prior is none "
-                             f"(pass --gamma 0, or a prior)")
-        return
-    args.estimator = args.estimator or "nce"
-    if args.n_mix > 1 and args.estimator != "nce":
-        raise ValueError(f"--n-mix {args.n_mix} needs --estimator nce (the mixture loss is defined for "
-                         f"NCE), got --estimator {args.estimator}")
-    if args.n_mix > 1 and not any(c[0] == "1" for c in args.costs):
-        raise ValueError(f"--n-mix {args.n_mix} mixes the global feature, but --costs "
-                         f"{','.join(args.costs)} has no 1->5 or 1->7 cost")
 
 
 def amp_dtype(spec: str, device: torch.device):
@@ -204,92 +224,15 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def prepare_out_dir(args, rank: int) -> str:
-    """Check --out-dir before any training: writable, and not holding another run unless --resume
-    continues that run or --overwrite replaces it. Returns the checkpoint path."""
-    out = args.out_dir
-    ck_path = os.path.join(out, CHECKPOINT)
-    held = [f for f in (CHECKPOINT, METRICS) if os.path.exists(os.path.join(out, f))]
-    resuming_here = bool(args.resume) and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path)
-    if held and not args.overwrite and not resuming_here:
-        cont = f"--resume {ck_path} to continue it, " if CHECKPOINT in held else ""
-        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): pass {cont}"
-                         f"--overwrite to replace it, or another --out-dir")
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-            probe = os.path.join(out, f".write-test{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"--out-dir {out!r} is not a writable directory ({e.strerror or e})") from None
-        _lock_out_dir(out)
-        checkpoint.remove_stale_temporaries(out)
-    return ck_path
-
-
-def clear_replaced_run(args, rank: int) -> None:
-    """With --overwrite (set-up having succeeded), remove the earlier run's checkpoint and metrics,
-    also when this run resumes from a checkpoint elsewhere; a resume in place keeps its metrics."""
-    ck_path = os.path.join(args.out_dir, CHECKPOINT)
-    if rank != 0 or not args.overwrite:
-        return
-    if args.resume and os.path.isfile(ck_path) and os.path.samefile(args.resume, ck_path):
-        return
-    for f in (CHECKPOINT, METRICS):
-        if os.path.exists(os.path.join(args.out_dir, f)):
-            os.remove(os.path.join(args.out_dir, f))
-
-
-_OUT_DIR_LOCKS = {}   # out dir -> open lock file, held while this process trains there
-
-
-def _lock_out_dir(out: str) -> None:
-    """One trainer per --out-dir: an flock the OS releases when the process ends, however it ends."""
-    import fcntl
-    key = os.path.realpath(out)
-    if key in _OUT_DIR_LOCKS:
-        return
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ValueError(f"--out-dir {out!r} is in use by a running amdim.train ({holder}): wait for "
-                         f"it, or pick another --out-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}")
-    f.flush()
-    _OUT_DIR_LOCKS[key] = f
-
-
-def _unlock_out_dir(out: str) -> None:
-    """Release the lock; remove it, and the directory if a failed set-up left it empty."""
-    f = _OUT_DIR_LOCKS.pop(os.path.realpath(out), None)
-    if f is None:
-        return
-    os.remove(f.name)
-    f.close()
-    try:
-        os.rmdir(out)   # only succeeds when nothing was written
-    except OSError:
-        pass
-
-
 @dataclass
 class Run:
     """Everything one training run holds, built by `setup`."""
-    args: argparse.Namespace
+    cfg: Config
     rank: int
     world: int
     device: torch.device
     amp: torch.dtype | None
     ds: data.Dataset
-    size: int
     steps: int
     model: torch.nn.Module
     train_model: torch.nn.Module
@@ -323,55 +266,54 @@ class Run:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": checkpoint.rng_state(self.aug_gen), "epoch": epoch, "step": step,
-                "global_step": epoch * self.steps + step, "training": training_options(self),
-                "args": vars(self.args), "arch": self.arch, "n_classes": self.ds.n_classes})
+                "global_step": epoch * self.steps + step, "training": continuation_options(self.cfg, self.steps),
+                "args": self.cfg.options(), "arch": self.arch, "n_classes": self.ds.n_classes})
         except OSError as e:
             raise Stop(EXIT_IO, f"cannot write the checkpoint {self.ck_path} ({e.strerror or e}); "
                                 f"the last good checkpoint, if any, is kept") from None
 
 
-def setup(args, rank, world, local_rank) -> Run:
-    """Options, device, out dir, data, model, optimiser and resumed state. Raises ValueError /
-    FileNotFoundError with a message naming the option at fault."""
-    resolve_options(args)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of "
+def setup(cfg: Config, rank, world, local_rank) -> Run:
+    """Device, out dir, data, model, optimiser and resumed state for a resolved config. Raises
+    ValueError / FileNotFoundError with a message naming the option at fault."""
+    opt, run_cfg = cfg.optim, cfg.run
+    if opt.batch_size % world:
+        raise ValueError(f"--batch-size {opt.batch_size} must be divisible by the number of "
                          f"processes ({world})")
-    if args.batch_size // world < 2:
-        raise ValueError(f"--batch-size {args.batch_size} gives {args.batch_size // world} image(s) per "
+    if opt.batch_size // world < 2:
+        raise ValueError(f"--batch-size {opt.batch_size} gives {opt.batch_size // world} image(s) per "
                          f"process: batch norm and the contrastive negatives need at least 2")
-    device = pick_device(args.device, local_rank)
+    device = pick_device(run_cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.data_path is not None:   # stored absolute: amdim.evaluate may run from another directory
-        args.data_path = os.path.abspath(args.data_path)
-    ck = checkpoint.load(args.resume, "--resume") if args.resume else None
-    ck_path = prepare_out_dir(args, rank)
-    ds = data.load(args.dataset, args.data_path, args.image_size)
-    size = args.image_size or data.NATURAL_SIZE[args.dataset]
+    ck = checkpoint.load(run_cfg.resume, "--resume") if run_cfg.resume else None
+    ck_path = run_dir.prepare(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite, rank)
+    ds = data.load(cfg.data.dataset, cfg.data.data_path, cfg.data.image_size)
     n_train = len(ds.train)
-    steps = n_train // args.batch_size
+    steps = n_train // opt.batch_size
     if steps == 0:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {n_train} training images")
-    if args.steps_per_epoch:
-        steps = min(steps, args.steps_per_epoch)
+        raise ValueError(f"--batch-size {opt.batch_size} exceeds the {n_train} training images")
+    if opt.steps_per_epoch:
+        steps = min(steps, opt.steps_per_epoch)
 
-    seed_all(args.seed)
+    seed_all(run_cfg.seed)
     aug_gen = torch.Generator(device=device)
-    aug_gen.manual_seed(args.seed)
-    arch = checkpoint.architecture(vars(args), size)
+    aug_gen.manual_seed(run_cfg.seed)
+    arch = checkpoint.architecture(cfg)
     model = checkpoint.build_model(arch, ds.n_classes).to(device)
-    probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))   # input normalisation statistics
-    pix = augment.to_float(probe).transpose(0, 1).reshape(3, -1)
-    model.normalize.set_stats(pix.mean(1), pix.std(1))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.8, 0.999), eps=1e-8)
-    amp = amp_dtype(args.amp, device)
+    if cfg.method == "amdim":   # input normalisation statistics (DIM keeps cortex's fixed ones)
+        probe, _ = ds.train.batch(np.arange(min(n_train, 2048)))
+        pix = augment.eval_view(augment.as_float(probe, "cpu"), cfg.data.policy, cfg.data.image_size)
+        pix = pix.transpose(0, 1).reshape(3, -1)
+        model.normalize.set_stats(pix.mean(1), pix.std(1))
+    optimizer = optim.build(model.parameters(), opt)
+    amp = amp_dtype(run_cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    run = Run(args, rank, world, device, amp, ds, size, steps, model, model, optimizer, scaler,
-              make_step(args, size), aug_gen, arch, ck_path, MetricsLog(args.out_dir, rank == 0))
+    run = Run(cfg, rank, world, device, amp, ds, steps, model, model, optimizer, scaler,
+              make_step(cfg), aug_gen, arch, ck_path, MetricsLog(run_cfg.out_dir, rank == 0))
     if ck is not None:
         _restore(run, ck)
-    clear_replaced_run(args, rank)
+    run_dir.clear_replaced(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite, rank)
     if world > 1:
         # BatchNorm over the global batch, so K processes match one process exactly
         convert_batchnorm(model)
@@ -380,37 +322,38 @@ def setup(args, rank, world, local_rank) -> Run:
     return run
 
 
-def training_options(run: Run) -> dict:
-    """The options besides the architecture that an exact continuation must keep: the objective,
-    the batch and the data order. (--lr, --epochs and the runtime options may change.)"""
-    a = run.args
-    keep = {"batch_size": a.batch_size, "steps_per_epoch": run.steps, "seed": a.seed, "estimator": a.estimator}
-    names = (("alpha", "beta", "gamma", "dim_augment") if a.method == "dim" else
-             ("costs", "dense", "tclip", "reg_weight", "mix_tau", "mix_alpha"))
-    keep.update({k: getattr(a, k) for k in names})
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}
+def continuation_options(cfg: Config, steps: int) -> dict:
+    """The options besides the architecture that an exact continuation must keep: the objective
+    (its kernels' backend aside), the augmentation, the batch and the data order. (The optimiser's
+    settings and schedule, the epochs and the runtime options may change.)"""
+    keep = {"batch_size": cfg.optim.batch_size, "steps_per_epoch": steps, "seed": cfg.run.seed,
+            "augment": cfg.data.augment}
+    objective = {f.name for f in dataclasses.fields(cfg.objective)} - {"loss_backend"}
+    keep.update({k: v for k, v in cfg.options().items() if k in objective})
+    return keep
 
 
 def _restore(run: Run, ck: dict) -> None:
-    args = run.args
-    what = f"--resume {args.resume!r}"
+    resume = run.cfg.run.resume
+    what = f"--resume {resume!r}"
     checkpoint.check_architecture(ck.get("arch") or {}, run.arch, what)
     saved = ck.get("training") or {}
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {v!r}"
-              for k, v in training_options(run).items() if saved.get(k) != v]
+              for k, v in continuation_options(run.cfg, run.steps).items() if saved.get(k) != v]
     if differ:
         raise ValueError(f"{what} cannot continue exactly with other training options: "
-                         + "; ".join(differ) + " (only --lr, --epochs and runtime options may change; "
-                         "start a new run with --out-dir to change them)")
+                         + "; ".join(differ) + " (only the optimiser's settings and schedule, --epochs and "
+                         "runtime options may change; start a new run with --out-dir to change them)")
     run.model.load_state_dict(ck["model"])
     run.optimizer.load_state_dict(ck["optimizer"])
-    for group in run.optimizer.param_groups:   # the command line's lr wins over the saved one
-        group["lr"] = args.lr
+    for group in run.optimizer.param_groups:   # this run's settings (each step sets its rate)
+        group["betas"], group["weight_decay"] = tuple(run.cfg.optim.betas), run.cfg.optim.weight_decay
     if run.scaler is not None and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     checkpoint.set_rng_state(ck["rng"], run.aug_gen)
     run.start_epoch, run.start_step = ck["epoch"], ck["step"]
-    if run.rank == 0 and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), args.out_dir):
+    out = run.cfg.run.out_dir
+    if run.rank == 0 and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
         # records written after this checkpoint (the run was killed before its next save) are redone
         run.log.truncate_after(ck["global_step"])
 
@@ -419,36 +362,27 @@ def _restore(run: Run, ck: dict) -> None:
 # training
 
 @torch.no_grad()
-def evaluate_online(model, imageset, size, device):
-    """Test top-1 of the online MLP and linear classifiers (no augmentation, eval-mode BN)."""
+def evaluate_online(model, imageset, size, device, policy) -> dict:
+    """Test top-1 of each online classifier (evaluation views, eval-mode BN): {name: accuracy}."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(2)
-    for x, y in image_batches(imageset, size, device):
-        for j, logits in enumerate(model.online_logits(x)):
-            correct[j] += (logits.argmax(1).cpu() == y).sum()
+    correct = {}
+    for x, y in image_batches(imageset, size, device, policy):
+        for name, logits in model.online_logits(x).items():
+            correct[name] = correct.get(name, 0) + int((logits.argmax(1).cpu() == y).sum())
     model.train(was_training)
-    return (correct / len(imageset)).tolist()
-
-
-def classifier_losses(logits, labels) -> dict:
-    """Cross-entropy and accuracy of the online classifiers on the labeled rows (label >= 0)."""
-    labeled = labels >= 0
-    out = {}
-    for name, lg in zip(("mlp", "lin"), logits):
-        lg = lg.float()[labeled]
-        out[name] = F.cross_entropy(lg, labels[labeled]) if len(lg) else lg.sum()
-        out[f"acc_{name}"] = (lg.argmax(1) == labels[labeled]).float().mean() if len(lg) else lg.sum()
-    return out
+    return {name: c / len(imageset) for name, c in correct.items()}
 
 
 def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary: dict) -> dict:
-    args, rank, world, device = run.args, run.rank, run.world, run.device
-    local_b = args.batch_size // world
-    order = epoch_order(args.seed, epoch, len(run.ds.train))
-    bar = Progress(run.steps, f"epoch {epoch + 1}/{args.epochs}", rank == 0 and not args.no_progress,
-                   args.log_every, first)
+    opt, run_cfg = run.cfg.optim, run.cfg.run
+    rank, world, device = run.rank, run.world, run.device
+    local_b = opt.batch_size // world
+    order = epoch_order(run_cfg.seed, epoch, len(run.ds.train))
+    bar = Progress(run.steps, f"epoch {epoch + 1}/{opt.epochs}", rank == 0 and not run_cfg.no_progress,
+                   run_cfg.log_every, first)
     t0, seen = time.perf_counter(), 0
+    sums = {}   # scalar name -> sum over this epoch's steps (for the epoch means)
     global_step = epoch * run.steps + first
     run.train_model.train()
     for step in range(first, run.steps):
@@ -458,16 +392,14 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
             raise Stop(128 + int(sig), f"stopped by signal {signal.Signals(sig).name}; saved "
                                        f"{run.ck_path} (epoch {epoch + 1}, step {step}); continue with "
                                        f"--resume {run.ck_path}")
-        lo = step * args.batch_size + rank * local_b
+        lo = step * opt.batch_size + rank * local_b
         images, labels = run.ds.train.batch(order[lo:lo + local_b])
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
-            out = run.step_fn(run.train_model, images.to(device), run.aug_gen, rank, world)
+            out = run.step_fn(run.train_model, images, labels, run.aug_gen, rank, world)
         finite = out is not None
         if finite:
-            loss, parts, logits = out
-            cls = classifier_losses(logits, labels)
-            total = loss + cls["mlp"] + cls["lin"]
+            total, parts = out
             finite = bool(torch.isfinite(total))
         if agree(not finite, device):
             raise Stop(EXIT_NON_FINITE,
@@ -476,6 +408,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
                                        if os.path.exists(run.ck_path) else "No checkpoint was written yet.")
                        + " Try a lower --lr, or --amp none.")
         run.optimizer.zero_grad(set_to_none=True)
+        lr = optim.set_lr(run.optimizer, opt, global_step, epoch)
         if run.scaler is not None:
             run.scaler.scale(total).backward()
             run.scaler.step(run.optimizer)
@@ -484,34 +417,37 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
             total.backward()
             run.optimizer.step()
         global_step += 1
-        seen += args.batch_size
-        scalars = {"loss": loss.detach(), **parts, **{f"cls_{k}": v.detach() for k, v in cls.items()}}
-        values = torch.stack([v.float() for v in scalars.values()])
+        seen += opt.batch_size
+        values = torch.stack([v.float() for v in parts.values()])
         if world > 1:   # report global-batch values (mean over ranks' equal-sized rows)
             dist.all_reduce(values)
             values /= world
-        scalars = dict(zip(scalars, values.tolist()))
+        scalars = dict(zip(parts, values.tolist()))
+        for k, v in scalars.items():
+            sums[k] = sums.get(k, 0.0) + v
         summary["losses"].append(scalars["loss"])
         ips = seen / (time.perf_counter() - t0)
         bar.update(1, {"loss": scalars["loss"], "img/s": ips})
-        if step % args.log_every == 0 or step == run.steps - 1:
+        if step % run_cfg.log_every == 0 or step == run.steps - 1:
             run.log.write({"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
-                           "images_per_s": ips, **scalars}, global_step)
+                           "images_per_s": ips, "lr": lr, **scalars}, global_step)
     bar.close()
     run.check_weights(epoch + 1, 0)
+    n_steps = run.steps - first
     rec = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
            "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-           "last_loss": summary["losses"][-1] if summary["losses"] else None}
+           "last_loss": summary["losses"][-1] if summary["losses"] else None,
+           "mean": {k: v / n_steps for k, v in sums.items()} if n_steps else {}}
     if device.type == "cuda":
         rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if rank == 0 and not args.no_eval:
-        rec["test_acc_mlp"], rec["test_acc_lin"] = evaluate_online(run.model, run.ds.test, run.size, device)
+    if rank == 0 and not run_cfg.no_eval:
+        accs = evaluate_online(run.model, run.ds.test, run.cfg.data.image_size, device, run.cfg.data.policy)
+        rec.update({f"test_acc_{name}": acc for name, acc in accs.items()})
     return rec
 
 
 def train(run: Run) -> dict:
     """The epochs from the resumed position on; a checkpoint after each; signals stop at a step."""
-    args = run.args
     summary = {"losses": [], "epochs": [], "checkpoint": run.ck_path}
     stop_signal = {"sig": None}
 
@@ -519,7 +455,7 @@ def train(run: Run) -> dict:
         stop_signal["sig"] = sig
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for epoch in range(run.start_epoch, args.epochs):
+        for epoch in range(run.start_epoch, run.cfg.optim.epochs):
             first = run.start_step if epoch == run.start_epoch else 0
             rec = train_one_epoch(run, epoch, first, stop_signal, summary)
             try:
@@ -529,7 +465,7 @@ def train(run: Run) -> dict:
                                     f"checkpoint is kept: {run.ck_path}") from None
             summary["epochs"].append(rec)
             if run.rank == 0:
-                print(epoch_line(rec, args.epochs), flush=True)
+                print(epoch_line(rec, run.cfg.optim.epochs, run.cfg.method), flush=True)
             run.save(epoch + 1, 0)
     finally:
         for s, h in old_handlers.items():
@@ -538,12 +474,18 @@ def train(run: Run) -> dict:
 
 
 def run(args) -> dict:
-    """Set up (errors become `SystemExit("error: ...")` on every rank) and train."""
+    """Resolve the options, set up (errors become `SystemExit("error: ...")` on every rank) and train.
+    `args`: a namespace of build_parser() (None = not given), or a resolved amdim.config.Config."""
     rank, world, local_rank = init_distributed()
+    cfg, out_dir = None, None
     try:
         failed = None
         try:
-            r = setup(args, rank, world, local_rank)
+            cfg = args if isinstance(args, Config) else resolve(given_options(args))
+            out_dir = cfg.run.out_dir
+            if rank == 0:
+                print(cfg.describe(), file=sys.stderr, flush=True)
+            r = setup(cfg, rank, world, local_rank)
         except (ValueError, FileNotFoundError) as e:
             failed = e
         # set-up errors are collective: a rank that failed alone would leave its peers waiting forever
@@ -551,16 +493,18 @@ def run(args) -> dict:
         if agree(failed is not None, where):
             raise SystemExit(f"error: {failed}" if failed is not None
                              else "error: another process failed to set up (see its message)")
-        if r.start_epoch >= args.epochs:
+        epochs, resume = cfg.optim.epochs, cfg.run.resume
+        if r.start_epoch >= epochs:
             if rank == 0:
-                print(f"amdim.train: {args.resume} has already trained {r.start_epoch} epoch(s) and "
-                      f"--epochs is {args.epochs}: nothing to do. To train further, pass --resume "
-                      f"{args.resume} --epochs N with N > {r.start_epoch}.", file=sys.stderr, flush=True)
-            return {"losses": [], "epochs": [], "checkpoint": r.ck_path}
+                print(f"amdim.train: {resume} has already trained {r.start_epoch} epoch(s) and "
+                      f"--epochs is {epochs}: nothing to do. To train further, pass --resume "
+                      f"{resume} --epochs N with N > {r.start_epoch}.", file=sys.stderr, flush=True)
+            return {"losses": [], "epochs": [], "checkpoint": r.ck_path, "config": cfg}
         summary = train(r)
+        summary["config"] = cfg
         if rank == 0:
             print(f"amdim.train: done. Checkpoint: {r.ck_path}; metrics: "
-                  f"{os.path.join(args.out_dir, METRICS)}\nLinear probe of the trained encoder: "
+                  f"{os.path.join(out_dir, METRICS)}\nLinear probe of the trained encoder: "
                   f"python -m amdim.evaluate --checkpoint {r.ck_path}", file=sys.stderr, flush=True)
         if world > 1:
             # tearing gloo down while a peer still finishes its last collective can abort the
@@ -568,8 +512,8 @@ def run(args) -> dict:
             dist.barrier()
         return summary
     finally:
-        if args.out_dir:
-            _unlock_out_dir(args.out_dir)
+        if out_dir:
+            run_dir.release(out_dir)
         if world > 1:
             dist.destroy_process_group()
 

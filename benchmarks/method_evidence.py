@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 ROOT = harness.ROOT
-sys.path.insert(0, str(ROOT))   # the loss child measures this checkout, not an installed copy
+sys.path.insert(0, str(ROOT))   # this checkout's amdim and amdim_kernels, not an installed copy
 RESULTS = HERE / "results"
 TAG = "METHOD_EVIDENCE_LOSS "
 
@@ -91,7 +91,7 @@ def probe(checkpoint: str, features: str) -> dict:
 def loss_child(b: int, n_loc: int, d: int, backend: str) -> dict:
     """Time and peak memory of one forward+backward of DIM's dot-product local JSD term."""
     harness.use_mmap_for_large_allocations()
-    from amdim.dim_objective import dot_local_mi
+    from amdim.dim_objective import dot_mi
     g = torch.Generator().manual_seed(0)
     src = torch.randn(b, d, generator=g, requires_grad=True)
     trg = torch.randn(b, n_loc, d, generator=g, requires_grad=True)
@@ -100,7 +100,7 @@ def loss_child(b: int, n_loc: int, d: int, backend: str) -> dict:
         src.grad = trg.grad = None
 
     def forward():
-        return dot_local_mi(src, trg, "jsd", backend)
+        return dot_mi(src, trg, "jsd", backend)
 
     def step():
         forward().backward()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from amdim import data
+from amdim.data import datasets as data
 
 
 def _cifar_record(name, x, labels, file):
@@ -290,12 +290,25 @@ def test_image_folder_single_and_split(tmp_path):
     _folder(tmp_path / "flat")
     ds = data.load("folder", str(tmp_path / "flat"), 32)
     assert ds.n_classes == 2 and len(ds.train) == 8 and len(ds.test) == 2   # every 5th held out
-    assert ds.train.images.shape[1:] == (3, 32, 32)
+    assert all(im.shape == (3, 9, 12) for im in ds.train.images)         # kept at their own size
     assert sorted(ds.test.labels.tolist()) == [0, 1]
+    images, labels = ds.train.batch([0, 3])
+    assert [im.shape for im in images] == [(3, 9, 12)] * 2 and labels.tolist() == ds.train.labels[[0, 3]].tolist()
     _folder(tmp_path / "split" / "train", per_class=3)
     _folder(tmp_path / "split" / "test", per_class=2)
     ds = data.load("folder", str(tmp_path / "split"), 64)
-    assert len(ds.train) == 6 and len(ds.test) == 4 and ds.test.images.shape[2:] == (64, 64)
+    assert len(ds.train) == 6 and len(ds.test) == 4
+
+
+def test_image_folder_keeps_full_resolution_up_to_9_4_of_the_encoder(tmp_path):
+    """Views are cropped from (almost) full resolution, as amdim-public's ImageNet pipeline: an
+    image is shrunk, keeping its aspect ratio, only where its shorter side exceeds 9/4 of the
+    encoder size."""
+    _folder(tmp_path / "big", per_class=5, size=(300, 200))                  # 300 wide, 200 high
+    ds = data.load("folder", str(tmp_path / "big"), 64)                      # cap: 144
+    assert data.stored_side(64) == 144 and all(im.shape == (3, 144, 216) for im in ds.train.images)
+    ds = data.load("folder", str(tmp_path / "big"), 128)                     # cap 288 > 200: as read
+    assert all(im.shape == (3, 200, 300) for im in ds.train.images)
 
 
 def test_image_folder_malformed(tmp_path):

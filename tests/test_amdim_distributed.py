@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amdim import augment
+from amdim.data import augment
 from amdim.distributed import convert_batchnorm
-from amdim.model import AMDIM
-from amdim.objective import MultiscaleNCE, nce_fn, parse_costs
+from amdim.amdim_model import AMDIM
+from amdim.amdim_objective import MultiscaleNCE, nce_fn, parse_costs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_B = 8
@@ -33,8 +33,8 @@ def _loss_and_grads(rank, world, backend):
     images = torch.randint(0, 256, (GLOBAL_B, 3, 32, 32), generator=torch.Generator().manual_seed(1),
                            dtype=torch.uint8)
     local = GLOBAL_B // world
-    x1, x2 = augment.two_views(images[rank * local:(rank + 1) * local], augment.AugmentConfig(size=32),
-                               torch.Generator().manual_seed(2), rank, world)
+    x1, x2 = augment.views(images[rank * local:(rank + 1) * local], augment.POLICIES["amdim-cifar"], 32,
+                           torch.Generator().manual_seed(2), rank, world)
     net = model
     if world > 1:
         convert_batchnorm(model)
@@ -68,8 +68,10 @@ def test_two_processes_equal_one_process(tmp_path, backend):
     mp.spawn(_worker, args=(2, _free_port(), backend, out), nprocs=2, join=True)
     ref_loss, ref_grads = _loss_and_grads(0, 1, backend)
     # fp32 reductions run in a different order (split batch, all-reduced BatchNorm sums), so the
-    # absolute tolerance scales with the largest gradient; a missing cross-rank term is O(1) off
-    atol = 1e-5 * max(float(g.abs().max()) for g in ref_grads.values())
+    # absolute tolerance scales with the largest gradient (the zero-initialised 1x1 convs' gradients
+    # are sums of terms of that size that cancel to far smaller values); a missing cross-rank term is
+    # O(1) off
+    atol = 5e-5 * max(float(g.abs().max()) for g in ref_grads.values())
     for rank in range(2):
         loss, grads = torch.load(f"{out}.{rank}")
         assert loss == pytest.approx(ref_loss, rel=1e-5)

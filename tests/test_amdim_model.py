@@ -1,12 +1,11 @@
-"""AMDIM encoder shapes, the multiscale objective against a hand-written composition of the
-reference loss, and the batched augmentation."""
+"""AMDIM encoder shapes and initialisation, the two views' passes, the multiscale objective against a
+hand-written composition of the reference loss, and the online classifiers' loss."""
 
 import pytest
 import torch
 
-from amdim import augment
-from amdim.model import AMDIM, Encoder
-from amdim.objective import MultiscaleNCE, mixture_fn, nce_fn, parse_costs
+from amdim.amdim_model import AMDIM, Encoder
+from amdim.amdim_objective import MultiscaleNCE, mixture_fn, nce_fn, parse_costs
 from amdim_kernels.reference import mixture_nce_loss_reference, nce_loss_reference
 
 
@@ -42,13 +41,62 @@ def test_local_features_see_a_bounded_window():
 
 
 def test_model_splits_views_and_detaches_classifier_input():
+    """The online classifiers see both views' r1 (amdim-public: 2B rows), detached."""
     torch.manual_seed(0)
     model = AMDIM(32, ndf=4, n_rkhs=16, n_depth=1, n_classes=5)
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    (f1, f2), (mlp, lin) = model(x1, x2)
-    assert [r.shape[0] for r in f1 + f2] == [4] * 6 and mlp.shape == lin.shape == (4, 5)
+    (f1, f2), logits = model(x1, x2)
+    mlp, lin = logits["mlp"], logits["lin"]
+    assert [r.shape[0] for r in f1 + f2] == [4] * 6 and mlp.shape == lin.shape == (8, 5)
+    model.eval()   # no dropout: row b + 4 is view 2's image b
+    (f1, f2), logits = model(x1, x2)
+    lin = logits["lin"]
+    head = model.classifiers.linear
+    assert torch.allclose(lin, torch.cat([f1[0], f2[0]]).flatten(1) @ head.weight.T + head.bias, atol=1e-6)
+    model.train()
     (mlp.sum() + lin.sum()).backward()
     assert all(p.grad is None for p in model.encoder.parameters())   # classifiers train alone
+
+
+def test_views_pass_the_encoder_separately():
+    """Each view is its own batch for batch norm (amdim-public encodes x1 and x2 in two calls): view
+    1's features do not depend on view 2. A joint pass over cat(x1, x2) would mix their statistics."""
+    torch.manual_seed(0)
+    model = AMDIM(32, ndf=4, n_rkhs=16, n_depth=1, use_bn=True, n_classes=0)
+    x1 = torch.rand(6, 3, 32, 32)
+    x2 = 3 * torch.rand(6, 3, 32, 32) + 2          # other statistics than x1
+    (f1, f2), _ = model(x1, x2)
+    alone1 = model.encoder(model.normalize(x1))
+    alone2 = model.encoder(model.normalize(x2))
+    joint = model.encoder(model.normalize(torch.cat([x1, x2])))
+    for got, want in zip(f1[:3], alone1):
+        assert torch.allclose(got, want, atol=1e-5)
+    for got, want in zip(f2[:3], alone2):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(f1[0], joint[0][:6], atol=1e-3)       # the test can tell the two apart
+
+
+def test_residual_blocks_start_as_their_shortcut():
+    """amdim-public init_weights: conv2 of every residual block (trunk and embeddings) starts at 0,
+    conv1 keeps torch's default init; the residual block has no batch norm after conv2."""
+    from amdim.amdim_model import ResNxN, RKHSEmbed
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    enc = Encoder(32, ndf=4, n_rkhs=24, n_depth=2, use_bn=True)
+    blocks = [m for m in enc.modules() if isinstance(m, (ResNxN, RKHSEmbed))]
+    assert len(blocks) == 12 and all(torch.equal(b.conv2.weight, torch.zeros_like(b.conv2.weight)) for b in blocks)
+    assert all(b.conv1.weight.abs().sum() > 0 for b in blocks)
+    # a widening 4x4 / stride-2 block is then exactly its shortcut: an average pool padded with zeros
+    block = ResNxN(4, 8, 4, 2, use_bn=True)
+    x = torch.randn(3, 4, 14, 14)
+    expect = F.pad(F.avg_pool2d(x, 4, 2), (0, 0, 0, 0, 0, 4))
+    assert torch.allclose(block(x), expect, atol=1e-6)
+    # with conv2 set, the residual branch is conv2(relu(bn1(conv1 x))): no normalisation after conv2
+    torch.nn.init.normal_(block.conv2.weight)
+    h = F.conv2d(F.relu(F.batch_norm(F.conv2d(x, block.conv1.weight, stride=2), None, None, training=True)),
+                 block.conv2.weight)
+    assert torch.allclose(block(x), h + expect, atol=1e-5)
+    assert [n for n, m in block.named_modules() if isinstance(m, torch.nn.BatchNorm2d)] == ["bn1"]
 
 
 def _feats(b, d, seed):
@@ -61,8 +109,9 @@ def _targets(r):
 
 
 def test_objective_equals_spec_composition():
-    """total = 1->5 + 1->7 + 5->5 (each the mean of both directions) + mean lgt_reg of six calls,
-    with the 5->5 source at one location per image drawn from the generator."""
+    """total = 1->5 + 1->7 + 5->5 (each the mean of both directions) + lgt_reg, lgt_reg = 0.5 * the
+    sum of the six calls' (amdim-public costs.py: each cost's two directions averaged, the costs
+    summed), with the 5->5 source at one location per image drawn from the generator."""
     b, d = 6, 8
     f1, f2 = _feats(b, d, 1), _feats(b, d, 2)
     nce = lambda s, t, p: nce_loss_reference(s, t, p, tclip=20.0, reg_weight=0.05)
@@ -79,9 +128,11 @@ def test_objective_equals_spec_composition():
         loc = torch.randint(25, (b,), generator=g)
         loss, reg = nce(_targets(sv[1])[idx, loc], _targets(tv[1]), idx)
         expect, regs = expect + 0.5 * loss, regs + [reg]
-    expect = expect + sum(regs) / 6
-    assert torch.allclose(total, expect, rtol=1e-12, atol=1e-12)
+    assert len(regs) == 6
+    lgt_reg = 0.5 * (regs[0] + regs[1] + regs[2] + regs[3] + regs[4] + regs[5])
+    assert torch.allclose(total, expect + lgt_reg, rtol=1e-12, atol=1e-12)
     assert set(parts) == {"1t5", "1t7", "5t5", "lgt_reg"}
+    assert torch.allclose(parts["lgt_reg"], lgt_reg, rtol=1e-12)
 
 
 def test_dense_objective_uses_every_location():
@@ -126,7 +177,7 @@ def test_mixture_sources_for_global_costs_only():
         loc = torch.randint(25, (4,), generator=g)
         loss, reg = nce_loss_reference(_targets(sv[1])[idx, loc], _targets(tv[1]), idx)
         expect, regs = expect + 0.5 * loss, regs + [reg]
-    assert torch.allclose(total, expect + sum(regs) / 4, rtol=1e-10)
+    assert torch.allclose(total, expect + 0.5 * sum(regs), rtol=1e-10)
     with pytest.raises(ValueError, match="mixture components"):
         MultiscaleNCE(nce_fn("reference", 20.0, 0.05), mixture=mix)(f1[:3], f2[:3], torch.Generator())
 
@@ -152,64 +203,16 @@ def test_parse_costs_rejects_bad_names():
         nce_fn("fused", 20.0, 0.05, "mine")
 
 
-# ---------------------------------------------------------------------------- augmentation
-
-def _images(n=4, h=20, w=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
-
-
-def test_two_views_shapes_range_and_determinism():
-    cfg = augment.AugmentConfig(size=32)
-    imgs = _images()
-    a = augment.two_views(imgs, cfg, torch.Generator().manual_seed(1))
-    b = augment.two_views(imgs, cfg, torch.Generator().manual_seed(1))
-    c = augment.two_views(imgs, cfg, torch.Generator().manual_seed(2))
-    assert a[0].shape == a[1].shape == (4, 3, 32, 32)
-    assert 0 <= float(a[0].min()) and float(a[0].max()) <= 1
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], a[1])
-
-
-def test_flip_is_shared_by_both_views():
-    """With crops and jitter switched off a view is the image or its mirror, and both views
-    of an image agree; over 64 images both outcomes occur."""
-    cfg = augment.AugmentConfig(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0, contrast=0,
-                                saturation=0, hue=0, p_gray=0)
-    imgs = _images(64, 16, 16)
-    x = augment.to_float(imgs)
-    v1, v2 = augment.two_views(imgs, cfg, torch.Generator().manual_seed(0))
-    flipped = [torch.allclose(v1[i], x[i].flip(-1), atol=1e-5) for i in range(64)]
-    same = [torch.allclose(v1[i], x[i], atol=1e-5) for i in range(64)]
-    assert all(f != s for f, s in zip(flipped, same))
-    assert 10 < sum(flipped) < 54
-    assert torch.allclose(v1, v2, atol=1e-5)
-
-
-def test_grayscale_and_hue_rotation():
-    cfg = augment.AugmentConfig(size=8, p_gray=1.0)
-    v1, _ = augment.two_views(_images(3, 8, 8), cfg, torch.Generator().manual_seed(0))
-    assert torch.allclose(v1[:, 0], v1[:, 1]) and torch.allclose(v1[:, 1], v1[:, 2])
-    x = augment.to_float(_images(2, 5, 5))
-    assert torch.allclose(augment.rotate_hue(x, torch.zeros(2)), x, atol=1e-5)
-    full_turn = augment.rotate_hue(x, torch.ones(2))
-    assert torch.allclose(full_turn, x, atol=1e-4)
-    half = augment.rotate_hue(x, torch.full((2,), 0.5))
-    assert not torch.allclose(half, x, atol=1e-2)
-    assert torch.allclose(augment.gray(half), augment.gray(x), atol=1e-4)   # hue keeps luma
-
-
-def test_rank_slices_equal_the_global_batch():
-    """K ranks each augmenting their rows draw exactly what one process draws for the batch."""
-    cfg = augment.AugmentConfig(size=12)
-    imgs = _images(6, 10, 10)
-    whole = augment.two_views(imgs, cfg, torch.Generator().manual_seed(3))
-    for rank in range(2):
-        part = augment.two_views(imgs[rank * 3:(rank + 1) * 3], cfg, torch.Generator().manual_seed(3), rank, 2)
-        for v_whole, v_part in zip(whole, part):
-            assert torch.allclose(v_whole[rank * 3:(rank + 1) * 3], v_part, atol=1e-6)
-
-
-def test_to_float_rejects_non_uint8():
-    with pytest.raises(ValueError, match="uint8"):
-        augment.to_float(torch.zeros(1, 3, 4, 4))
+def test_online_classifier_loss_is_amdim_publics():
+    """amdim-public loss_xent: cross-entropy of 10 * tanh(logits / 10) over the labeled rows (label -1
+    is unlabeled) plus 1e-3 * the mean squared logit over every row."""
+    from amdim.amdim_objective import classifier_loss
+    g = torch.Generator().manual_seed(0)
+    logits = 30 * torch.randn(6, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, -1, 2, -1, 1])
+    clipped = 10 * torch.tanh(logits / 10)
+    logp = clipped - clipped.exp().sum(1, keepdim=True).log()
+    rows = [0, 1, 3, 5]
+    expect = -sum(logp[r, labels[r]] for r in rows) / 4 + 1e-3 * (logits ** 2).sum() / 24
+    assert torch.allclose(classifier_loss(logits, labels).double(), expect, rtol=1e-6)
+    assert torch.isfinite(classifier_loss(logits, torch.full((6,), -1)))     # no labels: the reg only

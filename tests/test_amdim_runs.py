@@ -86,6 +86,16 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_checkpoint_of_another_version_is_refused(trained, tmp_path):
+    ck = torch.load(trained, weights_only=True)
+    ck.pop("sha256")
+    ck["version"] = checkpoint.VERSION - 1                # a valid older file, checksum and all
+    ck["sha256"] = checkpoint.payload_sha256(ck)
+    torch.save(ck, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=f"checkpoint version {checkpoint.VERSION - 1}, this one reads"):
+        checkpoint.load(str(tmp_path / "old.pt"))
+
+
 def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
@@ -204,7 +214,7 @@ def test_resume_accepts_the_default_image_size_spelled_out(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "1"], "at least 2"),
     (["--alpha", "1"], "--alpha does not apply to --method amdim"),
-    (["--method", "dim", "--costs", "1t5"], "--costs, --n-rkhs do not apply to --method dim"),
+    (["--method", "dim", "--costs", "1t5"], "--n-rkhs, --n-depth, --costs do not apply to --method dim"),
 ])
 def test_option_errors_are_clear(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -253,7 +263,7 @@ def test_diverged_weights_are_never_saved_or_evaluated(tmp_path, monkeypatch):
 def test_resume_refuses_options_that_break_an_exact_continuation(trained, tmp_path, change, message):
     args = ["--epochs", "2", "--steps-per-epoch", "2", "--resume", str(trained)] + change
     if change[0] == "--method":   # DIM rejects AMDIM's width options: give it its own
-        args = ["--method", "dim", "--ndf", "4", "--batch-size", "32", "--out-dir", str(tmp_path / "d"),
+        args = ["--method", "dim", "--ndf", "4", "--mi-units", "32", "--batch-size", "32", "--out-dir", str(tmp_path / "d"),
                 "--epochs", "2", "--resume", str(trained)]
         with pytest.raises(SystemExit, match=message):
             train.run(train.build_parser().parse_args(args))
@@ -275,3 +285,19 @@ def test_evaluate_checks_its_json_path_first(trained, tmp_path):
                           "--json", str(tmp_path / "missing" / "r.json")], capture_output=True, text=True,
                          timeout=120)
     assert cli.returncode != 0 and "error: --json" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_resume_takes_this_runs_optimiser_settings(trained, tmp_path):
+    """The optimiser's settings may change on resume: the restored Adam uses the new ones."""
+    from amdim import run_dir
+    from amdim.config import resolve
+    args = train.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path / "o"), "--epochs", "2",
+                                                   "--steps-per-epoch", "2", "--resume", str(trained),
+                                                   "--betas", "0.9,0.99", "--weight-decay", "0.001"])
+    cfg = resolve(train.given_options(args))
+    try:
+        run = train.setup(cfg, 0, 1, 0)
+    finally:
+        run_dir.release(cfg.run.out_dir)
+    group = run.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"]) == ((0.9, 0.99), 0.001) and run.start_epoch == 1

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from amdim import evaluate, train
+from amdim import checkpoint, evaluate, metrics, train
+from amdim.amdim_model import AMDIM
 
 TINY = ["--ndf", "4", "--n-rkhs", "16", "--n-depth", "1", "--batch-size", "32", "--no-eval", "--log-every", "1"]
 
@@ -22,15 +23,17 @@ def _run(tmp_path, *extra, name="run"):
 
 
 def _train_records(out_dir):
-    with open(out_dir / train.METRICS) as f:
+    with open(out_dir / metrics.METRICS) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
 def test_short_training_lowers_the_nce_loss(tmp_path):
-    summary, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "24", "--lr", "2e-3")
+    summary, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "24", "--lr", "2e-3", "--warmup-steps", "0")
     losses = summary["losses"]
     assert len(losses) == 24 and all(np.isfinite(losses))
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0
+    # zero-initialised residual branches start the loss at its chance value (scores near 0): it has
+    # to fall below it (by about 0.3 in these 24 steps; the step-to-step noise is about 0.1)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.15
     rec = _train_records(out)
     assert {"1t5", "1t7", "5t5", "lgt_reg", "images_per_s", "cls_acc_lin"} <= set(rec[0])
 
@@ -40,7 +43,7 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     full, _ = _run(tmp_path, "--epochs", "3", *common, name="full")
     first, out = _run(tmp_path, "--epochs", "1", *common, name="part")
     assert first["losses"] == full["losses"][:2]
-    ck_path = out / train.CHECKPOINT
+    ck_path = out / checkpoint.CHECKPOINT
     ck = torch.load(ck_path, weights_only=False)
     assert (ck["epoch"], ck["step"]) == (1, 0) and not list(out.glob("*.tmp*"))
     with pytest.raises(SystemExit, match="--ndf 4 .checkpoint. vs 8"):
@@ -49,8 +52,8 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     assert rest["losses"] == full["losses"][2:]          # bit-identical continuation
     assert len(set(full["losses"])) == 6
     # the checkpoint holds the trained weights: a fresh model loaded from it gives the same features
-    model = train.AMDIM(32, 4, 16, 1, False, 10)
-    model.load_state_dict(torch.load(out / train.CHECKPOINT, weights_only=False)["model"])
+    model = AMDIM(32, 4, 16, 1, False, 10)
+    model.load_state_dict(torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["model"])
     assert torch.isfinite(model.encoder(torch.zeros(2, 3, 32, 32))[0]).all()
 
 
@@ -58,7 +61,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
     common = ["--epochs", "2", "--steps-per-epoch", "4", "--seed", "1"]
     full, _ = _run(tmp_path, *common, name="full")
     # interrupt after the third step; the handler saves at the next step boundary
-    orig_write = train.MetricsLog.write
+    orig_write = metrics.MetricsLog.write
 
     def write(self, record, step):
         orig_write(self, record, step)
@@ -68,22 +71,22 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(tmp_path):
             sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
             sender.start()
             sender.join()
-    train.MetricsLog.write = write
+    metrics.MetricsLog.write = write
     try:
         with pytest.raises(train.Stop) as stop:
             _run(tmp_path, *common, name="cut")
     finally:
-        train.MetricsLog.write = orig_write
+        metrics.MetricsLog.write = orig_write
     assert stop.value.code == 128 + signal.SIGINT and "SIGINT" in str(stop.value)
-    ck = torch.load(tmp_path / "cut" / train.CHECKPOINT, weights_only=False)
+    ck = torch.load(tmp_path / "cut" / checkpoint.CHECKPOINT, weights_only=False)
     assert (ck["epoch"], ck["step"]) == (0, 3)
-    rest, _ = _run(tmp_path, *common, "--resume", str(tmp_path / "cut" / train.CHECKPOINT), name="cut")
+    rest, _ = _run(tmp_path, *common, "--resume", str(tmp_path / "cut" / checkpoint.CHECKPOINT), name="cut")
     assert rest["losses"] == full["losses"][3:]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "2")
-    ck_path = out / train.CHECKPOINT
+    ck_path = out / checkpoint.CHECKPOINT
     before = ck_path.read_bytes()
     # an absurd learning rate overflows the weights after one step
     with pytest.raises(train.Stop) as stop:
@@ -153,7 +156,7 @@ def test_linear_probe_separates_informative_features():
 
 def test_evaluate_cli_on_a_checkpoint(tmp_path):
     _, out = _run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
-    res = evaluate.evaluate(str(out / train.CHECKPOINT), "trained")
+    res = evaluate.evaluate(str(out / checkpoint.CHECKPOINT), "trained")
     assert res["n_test"] == 364 and res["feature_dim"] == 16 and 0.0 <= res["test_top1"] <= 1.0
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         evaluate.evaluate(str(tmp_path / "nope.pt"))
@@ -161,7 +164,7 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path):
 
 def test_progress_falls_back_to_lines_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)          # makes `from tqdm import tqdm` fail
-    bar = train.Progress(4, "epoch 1/1", True, log_every=2)
+    bar = metrics.Progress(4, "epoch 1/1", True, log_every=2)
     for _ in range(4):
         bar.update(1, {"nce": 7.25, "img/s": 100.0})
     bar.close()
@@ -177,9 +180,17 @@ def test_trains_on_stl10_with_unlabeled_images_and_on_a_folder(tmp_path):
     summary, out = _run(tmp_path, "--dataset", "stl10", "--data-path", str(tmp_path / "stl"), "--batch-size", "4",
                         "--epochs", "1", name="stl")
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
-    ck = torch.load(out / train.CHECKPOINT, weights_only=False)
+    ck = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
     assert ck["arch"]["image_size"] == 64 and ck["model"]["classifiers.linear.weight"].shape == (10, 16)
     _folder(tmp_path / "imgs", per_class=10)
     summary, _ = _run(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", "32",
                       "--batch-size", "8", "--epochs", "1", name="folder")
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+
+
+def test_amdim_epoch_line_shows_each_cost_as_an_epoch_mean():
+    rec = {"epoch": 2, "images_per_s": 512.3, "test_acc_mlp": 0.5, "test_acc_lin": 0.25,
+           "mean": {"loss": 20.5, "1t5": 6.0, "1t7": 7.0, "5t5": 7.25, "lgt_reg": 0.25, "cls_mlp": 2.0}}
+    assert metrics.epoch_line(rec, 30, "amdim") == (
+        "epoch 2/30 | mean loss 20.5000 (1t5 6.0000, 1t7 7.0000, 5t5 7.2500, lgt_reg 0.2500) | 512 img/s | "
+        "online classifiers' test accuracy: mlp 0.500, lin 0.250")

@@ -268,7 +268,7 @@ def sample_grid(path: str, per_class: int = 8, scale: int = 3, nuisances: Nuisan
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(prog="python -m amdim.synthetic",
+    p = argparse.ArgumentParser(prog="python -m amdim.data.shapes",
                                 description="write a PNG grid of sample images of the shapes dataset")
     p.add_argument("--out", default="docs/shapes_samples.png")
     p.add_argument("--per-class", type=int, default=8)

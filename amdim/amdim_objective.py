@@ -8,6 +8,7 @@ the result equals single-process training on the global batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import amdim_kernels as ak
 
@@ -59,7 +60,8 @@ def as_targets(r: torch.Tensor) -> torch.Tensor:
 
 
 class MultiscaleNCE:
-    """total = sum of the selected costs (each averaged over both directions) + mean lgt_reg.
+    """total = sum of the selected costs (each averaged over both directions) + lgt_reg, where
+    lgt_reg is combined the same way: 0.5 * the sum of every call's (amdim-public costs.py).
 
     `dense` uses every location of a 5x5 / 7x7 source map (N = B*25 or B*49 rows); otherwise one
     location per image is drawn uniformly from `generator`, which must be seeded the same on every
@@ -113,6 +115,17 @@ class MultiscaleNCE:
                 regs.append(reg)
             parts[cost] = cost_loss.detach()
             total = total + cost_loss
-        lgt_reg = torch.stack(regs).mean()
+        lgt_reg = 0.5 * torch.stack(regs).sum()   # each cost's two directions averaged, costs summed
         parts["lgt_reg"] = lgt_reg.detach()
         return total + lgt_reg, parts
+
+
+def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The online classifiers' loss of amdim-public (costs.py loss_xent): cross-entropy of the
+    logits soft-clipped to (-10, 10), over the labeled rows (label >= 0), plus 1e-3 * the mean
+    squared logit over all rows."""
+    logits = logits.float()
+    labeled = labels >= 0
+    clipped = 10.0 * torch.tanh(logits[labeled] / 10.0)
+    xent = F.cross_entropy(clipped, labels[labeled]) if bool(labeled.any()) else logits.sum() * 0
+    return xent + 1e-3 * logits.square().mean()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from amdim import data, synthetic
+from amdim.data import datasets as data, shapes
 from amdim.evaluate import linear_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_load_shapes_shapes_dtypes_balance_and_time():
     assert "shapes" in data.DATASETS and data.NATURAL_SIZE["shapes"] == 32
-    synthetic._CACHE.clear()
+    shapes._CACHE.clear()
     t0 = time.perf_counter()
     ds = data.load("shapes")
     elapsed = time.perf_counter() - t0
     assert elapsed < 30, f"generating the shapes dataset took {elapsed:.1f} s"   # ~3 s on 2 idle cores
-    assert ds.name == "shapes" and ds.n_classes == 10 == len(synthetic.CLASSES)
+    assert ds.name == "shapes" and ds.n_classes == 10 == len(shapes.CLASSES)
     assert ds.train is ds.train_labeled
     for part, n in ((ds.train, 10000), (ds.test, 2000)):
         assert part.images.shape == (n, 3, 32, 32) and part.images.dtype == np.uint8
@@ -36,14 +36,14 @@ def test_load_shapes_shapes_dtypes_balance_and_time():
 
 
 def test_generation_is_deterministic_and_the_split_fixed():
-    a_x, a_y = synthetic.generate("train", 1200)
-    b_x, b_y = synthetic.generate("train", 1200)
+    a_x, a_y = shapes.generate("train", 1200)
+    b_x, b_y = shapes.generate("train", 1200)
     assert np.array_equal(a_x, b_x) and np.array_equal(a_y, b_y)
     # the first k images of a split do not depend on how many are generated
-    c_x, c_y = synthetic.generate("train", 1000)
+    c_x, c_y = shapes.generate("train", 1000)
     assert np.array_equal(a_x[:1000], c_x) and np.array_equal(a_y[:1000], c_y)
     # train and test are different images
-    t_x, _ = synthetic.generate("test", 1000)
+    t_x, _ = shapes.generate("test", 1000)
     train_rows = {r.tobytes() for r in a_x.reshape(len(a_x), -1)}
     assert not any(r.tobytes() in train_rows for r in t_x.reshape(len(t_x), -1))
     # repeated loads give identical arrays, and writing into one load does not change the next
@@ -56,9 +56,9 @@ def test_generation_is_deterministic_and_the_split_fixed():
 
 def test_generate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="split must be one of"):
-        synthetic.generate("val")
+        shapes.generate("val")
     with pytest.raises(ValueError, match="n must be a positive"):
-        synthetic.generate("train", 0)
+        shapes.generate("train", 0)
 
 
 def _polygon_area(v):
@@ -69,22 +69,22 @@ def _polygon_area(v):
 AREAS = {   # the area of each shape in object units, from its construction
     "circle": np.pi * 0.85 ** 2,
     "square": 1.36 ** 2,
-    "triangle": _polygon_area(synthetic.TRIANGLE),
+    "triangle": _polygon_area(shapes.TRIANGLE),
     "cross": 2 * 1.84 * 0.54 - 0.54 ** 2,
-    "star": _polygon_area(synthetic.STAR),
+    "star": _polygon_area(shapes.STAR),
     "ring": np.pi * (0.92 ** 2 - 0.52 ** 2),
     "ellipse": np.pi * 0.95 * 0.5,
-    "hexagon": _polygon_area(synthetic.HEXAGON),
-    "arrow": _polygon_area(synthetic.ARROW),
+    "hexagon": _polygon_area(shapes.HEXAGON),
+    "arrow": _polygon_area(shapes.ARROW),
 }
 
 
-@pytest.mark.parametrize("name", synthetic.CLASSES)
+@pytest.mark.parametrize("name", shapes.CLASSES)
 def test_signed_distances_draw_the_named_shape(name):
     h = 2.4 / 600
     g = (np.arange(600, dtype=np.float32) + 0.5) * h - 1.2
     x, y = np.meshgrid(g, g)
-    d = synthetic.SDF[name](x, y)
+    d = shapes.SDF[name](x, y)
     inside = d < 0
     assert (x[inside] ** 2 + y[inside] ** 2).max() <= 1.0 + 2 * h        # fits the unit circle
     assert inside.mean() > 0.1                                            # and fills a good part of it
@@ -95,15 +95,15 @@ def test_signed_distances_draw_the_named_shape(name):
         assert np.array_equal(inside, inside[:, ::-1])                    # mirror-symmetric
     # a distance, not just a sign: one pixel outside the edge is about one unit of distance away
     edge = inside & ~np.roll(inside, 1, axis=1)
-    step = synthetic.SDF[name](x[edge] - 0.05, y[edge])
+    step = shapes.SDF[name](x[edge] - 0.05, y[edge])
     assert np.median(step) == pytest.approx(0.05, abs=0.02)
 
 
 def test_polygon_distance_matches_the_box():
     sq = np.array([[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]])
     pts = np.random.default_rng(0).uniform(-1.5, 1.5, (2, 5000)).astype(np.float32)
-    np.testing.assert_allclose(synthetic._sd_polygon(pts[0], pts[1], sq),
-                               synthetic._sd_box(pts[0], pts[1], 0.5, 0.5), atol=1e-5)
+    np.testing.assert_allclose(shapes._sd_polygon(pts[0], pts[1], sq),
+                               shapes._sd_box(pts[0], pts[1], 0.5, 0.5), atol=1e-5)
 
 
 def _pixels(x):
@@ -115,11 +115,11 @@ def test_pixel_probe_stays_near_chance():
     0.11 with all 10000). Without the nuisances the same probe is perfect: they are what makes the
     dataset hard, and this test fails if they stop doing so."""
     def probe(nuisances, n_train, n_test):
-        xtr, ytr = synthetic.generate("train", n_train, nuisances=nuisances)
-        xte, yte = synthetic.generate("test", n_test, nuisances=nuisances)
+        xtr, ytr = shapes.generate("train", n_train, nuisances=nuisances)
+        xte, yte = shapes.generate("test", n_test, nuisances=nuisances)
         return linear_probe(_pixels(xtr), torch.from_numpy(ytr), _pixels(xte), torch.from_numpy(yte), 10)["test_top1"]
-    assert probe(synthetic.DEFAULT, 1000, 500) < 0.2
-    assert probe(synthetic.EASY, 300, 200) > 0.9
+    assert probe(shapes.DEFAULT, 1000, 500) < 0.2
+    assert probe(shapes.EASY, 300, 200) > 0.9
 
 
 def test_trainer_accepts_dataset_shapes(tmp_path):
@@ -134,6 +134,6 @@ def test_trainer_accepts_dataset_shapes(tmp_path):
 
 def test_sample_grid(tmp_path):
     from PIL import Image
-    synthetic.sample_grid(str(tmp_path / "g.png"), per_class=2, scale=1)
+    shapes.sample_grid(str(tmp_path / "g.png"), per_class=2, scale=1)
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (2 * 34, 10 * 34)

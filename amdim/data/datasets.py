@@ -3,21 +3,24 @@
 - "digits": scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes), upscaled to
   32x32 RGB; needs no download. A fixed stratified split holds out 20% for testing.
 - "shapes": 10 classes of procedurally generated 32x32 objects under position, scale, rotation,
-  colour, clutter and noise nuisances (amdim/synthetic.py); needs no download, 10000 train / 2000
+  colour, clutter and noise nuisances (amdim/data/shapes.py); needs no download, 10000 train / 2000
   test, and a linear probe on its raw pixels is near chance, so an encoder has to learn shape.
 - "cifar10" / "cifar100": the python pickle version (directory cifar-10-batches-py / cifar-100-python),
   read by a restricted unpickler that builds only dicts, lists, strings, numbers and numpy arrays:
   a crafted file cannot run code.
 - "stl10": the binary version (directory stl10_binary); self-supervised training also uses the
   unlabeled split (label -1).
-- "folder": a directory of class subfolders of images (read with Pillow, resized to the encoder
-  size); `train/` and `test/` subdirectories are used as splits when present, otherwise every
-  fifth image of each class is held out. Names starting with "." are skipped.
+- "folder": a directory of class subfolders of images, read with Pillow and kept at their own
+  sizes (shrunk only beyond 9/4 of the encoder size, `stored_side`), so that views are cropped from
+  full resolution as amdim-public's ImageNet pipeline does; `train/` and `test/` subdirectories are
+  used as splits when present, otherwise every fifth image of each class is held out. Names
+  starting with "." are skipped. The whole folder is held in memory.
 Everything read is validated (dtype, value range, shapes, label count and range, non-empty): a
 missing or malformed file raises ValueError / FileNotFoundError naming it and what was expected.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -43,15 +46,24 @@ FORMATS = {
 
 @dataclass
 class ImageSet:
-    images: np.ndarray   # uint8 (N, 3, H, W); may be a memory-mapped view
+    images: np.ndarray   # uint8 (N, 3, H, W), possibly memory-mapped; or RaggedImages
     labels: np.ndarray   # int64 (N,); -1 for unlabeled images
 
     def __len__(self):
         return len(self.labels)
 
-    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        """(images, labels) of rows idx: a uint8 (B, 3, H, W) tensor, or for images of their own
+        sizes (RaggedImages) a list of B uint8 (3, H_i, W_i) tensors."""
         idx = np.asarray(idx)
-        return torch.from_numpy(np.ascontiguousarray(self.images[idx])), torch.from_numpy(self.labels[idx])
+        labels = torch.from_numpy(self.labels[idx])
+        if isinstance(self.images, RaggedImages):
+            return [torch.from_numpy(self.images[i]) for i in idx], labels
+        return torch.from_numpy(np.ascontiguousarray(self.images[idx])), labels
+
+
+class RaggedImages(list):
+    """uint8 (3, H_i, W_i) images of their own sizes (a folder's), indexable by row."""
 
 
 @dataclass
@@ -295,17 +307,31 @@ def _listdir(d):
     return sorted(e for e in os.listdir(d) if not e.startswith("."))
 
 
+def stored_side(size: int) -> int:
+    """The largest shorter side a folder image is kept at: 9/4 of the encoder size, so that even
+    the smallest crop of the official policies (0.3 of the area at aspect ratio 1.4: 0.46 of the
+    shorter side) is resampled down, not up: the crops come from (almost) full resolution."""
+    return math.ceil(9 * size / 4)
+
+
 def _read_image(root, full, size):
+    """An image as uint8 (3, H, W) at its own aspect ratio, shrunk only where its shorter side is
+    longer than stored_side(size)."""
     from PIL import Image
     try:
         with Image.open(full) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            im = im.convert("RGB")
+            short, cap = min(im.size), stored_side(size)
+            if short > cap:
+                w, h = im.size
+                im = im.resize((max(1, round(w * cap / short)), max(1, round(h * cap / short))), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
     except Image.DecompressionBombError as e:   # not an OSError: it would escape unnamed
         raise _fail("folder", root, f"image {full!r} is larger than Pillow's decompression-bomb limit "
                                     f"({e})") from None
     except Exception as e:   # unidentified, truncated, corrupt chunks (OSError, SyntaxError, ...)
         raise _fail("folder", root, f"cannot read image {full!r} ({type(e).__name__}: {e})") from None
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def _read_folder(root, size, classes=None):
@@ -327,7 +353,7 @@ def _read_folder(root, size, classes=None):
                                         f"({', '.join(IMAGE_EXTS)})")
         xs += [_read_image(root, os.path.join(cdir, f), size) for f in files]
         ys += [c] * len(files)
-    return ImageSet(np.stack(xs), np.asarray(ys, np.int64)), classes
+    return ImageSet(RaggedImages(xs), np.asarray(ys, np.int64)), classes
 
 
 def load_folder(path, size) -> Dataset:
@@ -345,16 +371,16 @@ def load_folder(path, size) -> Dataset:
         test_mask = np.zeros(len(full), bool)
         for c in range(len(classes)):
             test_mask[np.flatnonzero(full.labels == c)[::5]] = True
-        train = ImageSet(full.images[~test_mask], full.labels[~test_mask])
-        test = ImageSet(full.images[test_mask], full.labels[test_mask])
+        train = ImageSet(RaggedImages(full.images[i] for i in np.flatnonzero(~test_mask)), full.labels[~test_mask])
+        test = ImageSet(RaggedImages(full.images[i] for i in np.flatnonzero(test_mask)), full.labels[test_mask])
     return Dataset(train, train, test, len(classes), "folder")
 
 
 def load_shapes() -> Dataset:
-    from . import synthetic
-    xtr, ytr, xte, yte = synthetic.shapes_arrays()
+    from . import shapes
+    xtr, ytr, xte, yte = shapes.shapes_arrays()
     train = ImageSet(xtr, ytr)
-    return Dataset(train, train, ImageSet(xte, yte), len(synthetic.CLASSES), "shapes")
+    return Dataset(train, train, ImageSet(xte, yte), len(shapes.CLASSES), "shapes")
 
 
 def load(name: str, path: str | None = None, image_size: int | None = None) -> Dataset:

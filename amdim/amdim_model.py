@@ -10,25 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import Normalize
+
 ENCODER_SIZES = (32, 64, 128)
-
-
-class Normalize(nn.Module):
-    """Per-channel input normalisation whose statistics are buffers of the model: they travel with
-    its state_dict (checkpoints, DDP) and are set once from the training images (`set_stats`)."""
-
-    def __init__(self, channels: int = 3):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
-
-    @torch.no_grad()
-    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.mean.copy_(mean.reshape(self.mean.shape))
-        self.std.copy_(std.reshape(self.std.shape).clamp(min=1e-3))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
 
 
 def maybe_bn(n: int, use_bn: bool) -> nn.Module:
@@ -51,10 +35,13 @@ class ConvBNReLU(nn.Module):
 
 
 class ResNxN(nn.Module):
-    """conv(width, stride) -> ReLU -> 1x1 conv, plus an unpadded shortcut.
+    """conv(width, stride) -> [BN] -> ReLU -> 1x1 conv, plus an unpadded shortcut (amdim-public's
+    ConvResNxN: no normalisation after the 1x1 conv).
 
     The shortcut is an average pool with the same window (so it lines up with the valid conv),
-    zero-padded in channels when the block widens, or a 1x1 conv when it narrows.
+    zero-padded in channels when the block widens, or a 1x1 conv when it narrows (an extension:
+    amdim-public only widens). The 1x1 conv starts at zero (amdim-public's init_weights, a
+    Fixup-style init): every block starts as its shortcut.
     """
 
     def __init__(self, n_in, n_out, width, stride, use_bn):
@@ -63,11 +50,11 @@ class ResNxN(nn.Module):
         self.conv1 = nn.Conv2d(n_in, n_out, width, stride, 0, bias=False)
         self.bn1 = maybe_bn(n_out, use_bn)
         self.conv2 = nn.Conv2d(n_out, n_out, 1, bias=False)
-        self.bn2 = maybe_bn(n_out, use_bn)
+        nn.init.zeros_(self.conv2.weight)
         self.narrow = nn.Conv2d(n_in, n_out, 1, bias=False) if n_out < n_in else None
 
     def forward(self, x):
-        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        h = self.conv2(F.relu(self.bn1(self.conv1(x))))
         if self.narrow is not None:
             # the 1x1 conv must also shrink the map like conv1 does
             short = self.narrow(F.avg_pool2d(x, self.width, self.stride))
@@ -160,17 +147,19 @@ class Encoder(nn.Module):
 
 class OnlineClassifiers(nn.Module):
     """MLP and linear classifiers on detached global features: they track representation quality
-    during training without sending any gradient into the encoder."""
+    during training without sending any gradient into the encoder. amdim-public's Evaluator: the
+    MLP is dropout, linear (no bias), BN, ReLU, dropout, linear; the linear one a plain layer."""
 
     def __init__(self, n_in, n_classes, n_hidden=1024, dropout=0.2):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_in, n_hidden), nn.BatchNorm1d(n_hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(n_hidden, n_classes))
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_in, n_hidden, bias=False),
+                                 nn.BatchNorm1d(n_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(n_hidden, n_classes))
         self.linear = nn.Linear(n_in, n_classes)
 
-    def forward(self, ftr):
+    def forward(self, ftr) -> dict:
         ftr = ftr.detach().flatten(1)
-        return self.mlp(ftr), self.linear(ftr)
+        return {"mlp": self.mlp(ftr), "lin": self.linear(ftr)}
 
 
 class MixtureHead(nn.Module):
@@ -203,19 +192,20 @@ class AMDIM(nn.Module):
         """{"r1": (B, n_rkhs)} global features of images x in [0, 1] for the linear probe."""
         return {"r1": self.encoder(self.normalize(x))[0].flatten(1)}
 
-    def online_logits(self, x):
-        """(MLP, linear) logits of the online classifiers for images x in [0, 1]."""
+    def online_logits(self, x) -> dict:
+        """{"mlp", "lin"} logits of the online classifiers for images x in [0, 1]."""
         return self.classifiers(self.encoder(self.normalize(x))[0])
 
     def forward(self, x1, x2):
-        """Encode both views (images in [0, 1]) in one pass, so BatchNorm sees both; classify view
-        1's global feature.
+        """Encode each view (images in [0, 1]) in its own pass, so that each is its own batch for
+        BatchNorm (amdim-public encodes x1 and x2 in two calls); classify both views' global features.
 
-        Returns (feats of x1, feats of x2), (mlp logits, linear logits); feats is (r1, r5, r7),
-        plus the (B, k, n_rkhs) mixture components of r1 when n_mix > 1."""
-        r1, r5, r7 = self.encoder(self.normalize(torch.cat([x1, x2])))
-        b = x1.shape[0]
-        feats = [r1, r5, r7] + ([self.mixture(r1.flatten(1))] if self.mixture is not None else [])
-        feats1, feats2 = tuple(f[:b] for f in feats), tuple(f[b:] for f in feats)
-        logits = self.classifiers(r1[:b]) if self.classifiers is not None else None
-        return (feats1, feats2), logits
+        Returns (feats of x1, feats of x2), {"mlp", "lin"} logits of the 2B rows [x1; x2];
+        feats is (r1, r5, r7), plus the (B, k, n_rkhs) mixture components of r1 when n_mix > 1."""
+        feats = []
+        for x in (x1, x2):
+            r1, r5, r7 = self.encoder(self.normalize(x))
+            feats.append((r1, r5, r7) + ((self.mixture(r1.flatten(1)),) if self.mixture is not None else ()))
+        logits = (self.classifiers(torch.cat([feats[0][0], feats[1][0]]))
+                  if self.classifiers is not None else None)
+        return (feats[0], feats[1]), logits
