@@ -100,7 +100,12 @@ def _restore_threads():
     torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("shape,estimator,tclip,dtype", cases())
+def case_id(case):
+    shape, estimator, tclip, dtype = case
+    return f"{'x'.join(map(str, shape))}-{estimator}-tclip{tclip}-{str(dtype).split('.')[-1]}"
+
+
+@pytest.mark.parametrize("shape,estimator,tclip,dtype", cases(), ids=[case_id(c) for c in cases()])
 def test_matches_reference(shape, estimator, tclip, dtype):
     check_loss(shape, estimator, tclip, dtype)
 
