@@ -207,7 +207,7 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64
       row_acc[i] *= std::exp(row_max[i] - m);  // exp(-inf) == 0 on the first block
       row_max[i] = m;
     }
-    const Vec<T> shift(m);
+    const Vec<T> shift(m);  // second pass: the negatives' sum of exp(s - m)
     for (int64_t j = 0; j < nc; j += W) {
       const Vec<T> e = vexp(lanes.load(row, j) - shift);
       acc = acc + (lanes.plain(j) ? e : Vec<T>::blendv(zero, e, lanes.negatives(j)));

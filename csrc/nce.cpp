@@ -10,9 +10,8 @@
 // merged once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <ATen/Version.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
