@@ -1,12 +1,13 @@
-// What the C++ (nce.cpp, mixture.cpp) and CUDA (cuda/) kernels share: the negatives' reduction
-// and the elementwise math of the score epilogue. Torch-free, so that the .cu files compile with
-// plain nvcc; csrc/torch_common.h adds the torch-facing argument parsing.
+// What the C++ (epilogue.h, nce.cpp, mixture.cpp) and CUDA (cuda/) kernels share: the negatives'
+// reduction and the elementwise math of the score epilogue. Torch-free, so that the .cu files
+// compile with plain nvcc; csrc/torch_common.h adds the torch-facing argument parsing.
 //
-// One tanh approximation everywhere (the Triton kernels, amdim_kernels/_triton_common.py, use the
-// same): the odd Cephes polynomial for |x| < 0.625, else (1 - e) / (1 + e) with e = exp(-2|x|).
-// Its derivative 1 - tanh^2 is formed from e as well (4e / (1 + e)^2): from t, 1 - t^2 cannot fall
-// below ~1.2e-7 in float (t rounds to 1 - 2^-24) nor 1.1e-16 in double, so saturated scores
-// (|a| > ~9 tclip) would get a gradient through the clip 10^20 times too large.
+// One float tanh approximation everywhere (the Triton kernels, amdim_kernels/_triton_common.py, use
+// the same; float64 takes libm's or Sleef's tanh): the odd Cephes polynomial for |x| < 0.625, else
+// (1 - e) / (1 + e) with e = exp(-2|x|). Its derivative 1 - tanh^2 is formed from e as well
+// (4e / (1 + e)^2): from t, 1 - t^2 cannot fall below ~1.2e-7 in float (t rounds to 1 - 2^-24)
+// nor 1.1e-16 in double, so saturated scores (|a| > ~9 tclip) would get a gradient through the
+// clip 10^20 times too large.
 #pragma once
 
 #include <cmath>
@@ -40,25 +41,18 @@ inline bool parse_neg_reduction(std::string_view name, NegReduction* out) {
 // Below this |x| tanh is the polynomial: there (1 - e) / (1 + e) would cancel.
 constexpr float kTanhPolyLimit = 0.625f;
 
-AMDIM_HD inline float tanh_poly(float x) {  // Cephes tanhf, ~2 ulp for |x| < 0.625
-  const float z = x * x;
-  return ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-           1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+// Cephes tanhf, ~2 ulp for |x| < 0.625. V is float, or a vector of floats (the CPU epilogues'
+// at::vec::Vectorized<float>, csrc/epilogue.h).
+template <typename V>
+AMDIM_HD inline V tanh_poly(V x) {
+  const V z = x * x;
+  return ((((V(-5.70498872745e-3f) * z + V(2.06390887954e-2f)) * z - V(5.37397155531e-2f)) * z +
+           V(1.33314422036e-1f)) * z - V(3.33332819422e-1f)) * z * x + x;
 }
 
-// tanh(x) in float; Exp is the float exp of the caller (vectorisable on the CPU, exp2f-based and
-// fast-math-proof on CUDA). Branch-free: both sides are computed and selected, which GCC
-// if-converts (and so vectorises) in the CPU loops.
-template <typename Exp>
-AMDIM_HD inline float tanh_f(float x, Exp exp_fn) {
-  const float ax = fabsf(x);
-  const float e = exp_fn(-2.0f * ax);  // in (0, 1]: no overflow for any x
-  const float big = (1.0f - e) / (1.0f + e);
-  return ax < kTanhPolyLimit ? tanh_poly(x) : (x < 0.0f ? -big : big);
-}
-
-// tanh(x) and 1 - tanh(x)^2, both accurate to a few ulp (the derivative down to float's
-// smallest normals, |x| ~ 43).
+// tanh(x) and 1 - tanh(x)^2 in float, both accurate to a few ulp (the derivative down to float's
+// smallest normals, |x| ~ 43). Exp is the float exp of the caller (exp2f-based and fast-math-proof
+// on CUDA); the CPU epilogues (csrc/epilogue.h) compute the same with vectors.
 template <typename Exp>
 AMDIM_HD inline void tanh_dtanh_f(float x, Exp exp_fn, float* t, float* dt) {
   const float ax = fabsf(x);
@@ -71,14 +65,6 @@ AMDIM_HD inline void tanh_dtanh_f(float x, Exp exp_fn, float* t, float* dt) {
   *dt = is_small ? 1.0f - small * small : 4.0f * e * r * r;
 }
 
-// The float64 checking path: libm's tanh, and the derivative from e as above.
-inline void tanh_dtanh_d(double x, double* t, double* dt) {
-  const double ax = std::fabs(x);
-  const double e = std::exp(-2.0 * ax);
-  *t = std::tanh(x);
-  *dt = ax < 0.625 ? 1.0 - *t * *t : 4.0 * e / ((1.0 + e) * (1.0 + e));
-}
-
 // sigmoid(x) from e = exp(-|x|) <= 1: no overflow for either sign.
 template <typename T, typename Exp>
 AMDIM_HD inline T sigmoid(T x, Exp exp_fn) {
@@ -86,13 +72,13 @@ AMDIM_HD inline T sigmoid(T x, Exp exp_fn) {
   return (x >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
-// log(1 + e^x) without overflow; 0 for x = -inf (a row without negatives). CPU only.
+// log(1 + e^x) without overflow; 0 for x = -inf (a row without negatives). Scalar CPU code only.
 template <typename T>
 inline T softplus(T x) {
   return (x > T(0) ? x : T(0)) + std::log1p(std::exp(-std::fabs(x)));
 }
 
-struct StdExp {  // libm's exp, for the CPU paths that do not need the vectorisable one
+struct StdExp {  // libm's exp, for the scalar CPU code (mixture.cpp)
   template <typename T>
   T operator()(T x) const { return std::exp(x); }
 };

@@ -198,7 +198,8 @@ def test_command_lines_are_unchanged():
     assert help_options("bench_nce.py") == {
         "-h", "--help", "--device", "--shapes", "--dtype", "--variants", "--modes", "--repeats",
         "--warmup", "--threads", "--fused-backend", "--tclip", "--reg-weight", "--sweep", "--quick",
-        "--isolate", "--case-timeout", "--compile-timeout", "--tag", "--out"}
+        "--isolate", "--case-timeout", "--compile-timeout", "--tag", "--out",
+        "--estimator", "--interleave", "--cpu-targets"}
     assert help_options("bench_mixture.py") == {
         "-h", "--help", "--device", "--quick", "--warmup", "--repeats", "--losses", "--out"}
 

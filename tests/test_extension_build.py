@@ -291,6 +291,9 @@ def test_ahead_of_time_wheel_ships_the_ops_and_falls_back_when_torch_differs(tmp
         src = torch.randn(6, 9, requires_grad=True); trg = torch.randn(6, 4, 9)
         fused, reference = ak.fused_nce_loss(src, trg)[0], ak.nce_loss_reference(src, trg)[0]
         print(ak.__file__); print(_extension.load()); print(float(fused - reference))
+        # portable flags, yet the CPU epilogue of this CPU's instruction set (#pragma GCC target)
+        isa, cap = torch.ops.amdim_kernels.cpu_epilogue_isa(), torch.backends.cpu.get_cpu_capability()
+        assert isa == cap or cap not in ("AVX2", "AVX512"), (isa, cap)
         """
     empty_cache = tmp_path / "empty_cache"
     proc = run_python(check, cwd=site, env={"TORCH_EXTENSIONS_DIR": str(empty_cache)})
