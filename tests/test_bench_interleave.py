@@ -69,8 +69,8 @@ def test_interleaved_cases_and_dim_positives():
 def test_quick_interleaved_run_writes_aligned_rounds(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, BENCH / "bench_nce.py", "--quick", "--interleave", "--shapes", "8x8x4x16",
-           "--variants", "fused", "products", "--modes", "fwd", "fwd+bwd", "--fused-backend", "reference",
-           "--threads", "1", "--estimator", "jsd", "--tclip", "none", "--out", out]
+           "--variants", "fused", "products", "--modes", "fwd", "fwd+bwd",
+           "--threads", "2", "--estimator", "jsd", "--tclip", "none", "--out", out]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
@@ -82,6 +82,8 @@ def test_quick_interleaved_run_writes_aligned_rounds(tmp_path):
         assert r["status"] == "ok" and r["interleaved"] and len(r["times_s"]) == result["settings"]["repeats"]
         assert r["estimator"] == "jsd" and r["tclip"] is None
         assert (r["peak_extra_bytes"] is not None) == (r["variant"] == "fused")
+        if r["variant"] == "fused":   # the fused rows really ran the C++ kernel
+            assert r["backends"] == ["cpp"], r
     (summary,) = result["summary"]
     assert summary["interleaved"] and summary["fused_fwdbwd_over_3mm_range"] is not None
     assert "| 8x8x4x16 | float32 | jsd, tclip None" in out.with_suffix(".md").read_text()
