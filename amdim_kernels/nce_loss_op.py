@@ -115,16 +115,22 @@ def _setup_context(ctx, inputs, output):
     src, trg, pos_idx, tclip, reg_weight, estimator, _ = inputs
     ctx.save_for_backward(src, trg, pos_idx, output[2], output[3], output[4])
     ctx.tclip, ctx.reg_weight, ctx.estimator = tclip, reg_weight, estimator
+    # pos, neg_stat and bad are for the backward, not the loss: no zero gradients for them (on a
+    # GPU each would be one more launch)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_reg, *unused):
     need_src, need_trg = ctx.needs_input_grad[:2]
-    if not (need_src or need_trg):
+    if not (need_src or need_trg) or (grad_loss is None and grad_reg is None):
         return None, None, None, None, None, None, None
     src, trg, pos_idx, pos, neg_stat, bad = ctx.saved_tensors
-    zero = pos.new_zeros(())
-    args = (zero if grad_loss is None else grad_loss, zero if grad_reg is None else grad_reg,
-            src, trg, pos_idx, pos, neg_stat, bad, ctx.tclip, ctx.reg_weight, ctx.estimator)
+    if grad_loss is None or grad_reg is None:   # only one of loss, lgt_reg reached the objective
+        zero = pos.new_zeros(())
+        grad_loss = zero if grad_loss is None else grad_loss
+        grad_reg = zero if grad_reg is None else grad_reg
+    args = (grad_loss, grad_reg, src, trg, pos_idx, pos, neg_stat, bad, ctx.tclip,
+            ctx.reg_weight, ctx.estimator)
     # With create_graph=True (grad mode on here) the result must refuse a second backward.
     grad_src, grad_trg = NceLossBackward.apply(*args) if torch.is_grad_enabled() else nce_loss_bwd(*args)
     return (grad_src if need_src else None), (grad_trg if need_trg else None), None, None, None, None, None
