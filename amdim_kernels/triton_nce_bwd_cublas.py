@@ -52,6 +52,9 @@ _FP32_CONFIGS = [
 _INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16}, num_warps=4,
                                     num_stages=1)]
 CONFIGS = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS + _FP32_CONFIGS
+# The g kernel's grid is (row tiles, column tiles) and CUDA caps a grid's y at 65535: a chunk has
+# at most this many columns (N of a few rows against millions of targets would exceed it).
+_MAX_COLS = 65535 * min(c.kwargs["BLOCK_M"] for c in _GPU_CONFIGS + _FP32_CONFIGS)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -103,12 +106,13 @@ def _nce_g_kernel(
 
 def chunks(n: int, m: int, esize: int, budget: int | None = None) -> tuple[int, int]:
     """(rows R, columns C) of a g chunk: every row when R = N fits beside _COL_QUANTUM columns,
-    then as many columns as fit, multiples of _COL_QUANTUM; both spread evenly over the counts
-    so found (no sliver of a last chunk, so at most two chunk shapes to autotune)."""
+    then as many columns as fit (at most _MAX_COLS), multiples of _COL_QUANTUM; both spread
+    evenly over the counts so found (no sliver of a last chunk, so at most two chunk shapes to
+    autotune)."""
     elems = max((G_BYTES if budget is None else budget) // esize, _COL_QUANTUM)
     row_chunks = triton.cdiv(n, max(1, elems // _COL_QUANTUM))
     rows = triton.cdiv(n, row_chunks)
-    max_cols = max(_COL_QUANTUM, elems // rows // _COL_QUANTUM * _COL_QUANTUM)
+    max_cols = max(_COL_QUANTUM, min(elems // rows, _MAX_COLS) // _COL_QUANTUM * _COL_QUANTUM)
     col_chunks = triton.cdiv(m, max_cols)
     cols = min(m, triton.cdiv(triton.cdiv(m, col_chunks), _COL_QUANTUM) * _COL_QUANTUM)
     return rows, cols
