@@ -15,8 +15,6 @@ from .reference import mixture_nce_loss_reference, nce_loss_reference
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 _FUSED_DEVICE = {"cpp": "cpu", "triton": "cuda"}   # where each fused backend runs
-# the backend whose kernels the ops dispatch to for tensors on each device (what a record says)
-_KERNELS_ON = {device: name for name, device in _FUSED_DEVICE.items()}
 
 
 class Dispatch(NamedTuple):
@@ -86,8 +84,9 @@ def check_fused_dtype(backend: str, x: torch.Tensor, name: str) -> None:
 
 
 def _ran_fused(loss: str, x: torch.Tensor) -> None:
-    """Record that `loss` hands its work to the fused op, whose kernel is that of x's device."""
-    _dispatched(loss, _KERNELS_ON[x.device.type])
+    """Record that `loss` hands its work to the fused op, whose kernel is that of x's device
+    (the dispatcher runs the Triton kernels for CUDA tensors, the C++ ones for CPU tensors)."""
+    _dispatched(loss, "triton" if x.is_cuda else "cpp")
 
 
 def nce_statistics(src, trg, pos_idx, tclip, neg_reduction, loss):
