@@ -243,7 +243,7 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
         if n != b:
             raise ValueError(f"pos_idx=None means row i's positives are sample i, which needs N == B; "
                              f"got N={n} and B={b}: pass pos_idx")
-        return torch.arange(n, device=src.device)
+        return default_pos_idx(n, src.device)
     if not isinstance(pos_idx, torch.Tensor):
         raise TypeError(f"pos_idx must be an integer tensor of shape (N,) or None, "
                         f"got {type(pos_idx).__name__}")
@@ -267,6 +267,40 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
         if lo < 0 or hi >= b:
             raise ValueError(f"pos_idx values must lie in [0, B) = [0, {b}), got values in [{lo}, {hi}]")
     return as_int64
+
+
+# pos_idx=None is arange(N): on a GPU a launch (and ~5 us of host time) per call, in a forward of
+# two or three launches at AMDIM's per-GPU sizes. Cached per (N, device, stream), never freed (a
+# CUDA graph captured with a cached tensor keeps reading it; per stream, because a call on another
+# stream could read it before the kernel that wrote it has run), within a budget of elements
+# beyond which calls make their own (a loop over ever new N).
+_ARANGE: dict = {}
+ARANGE_BUDGET = 1 << 20   # int64 elements in all (8 MiB)
+
+
+def default_pos_idx(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) on `device`: from the cache in eager calls on CPU or CUDA tensors; made afresh
+    where a cached tensor would be wrong: under torch.compile / export (traced into the graph),
+    during CUDA-graph capture (its kernel would not run before replay) and under FakeTensorMode
+    (its tensors must not outlive it)."""
+    kind = device.type
+    if _tracing() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return torch.arange(n, device=device)
+    if kind == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.arange(n, device=device)
+        key = (n, device, torch._C._cuda_getCurrentRawStream(device.index))
+    elif kind == "cpu":
+        key = (n, device, None)
+    else:
+        return torch.arange(n, device=device)
+    cached = _ARANGE.get(key)
+    if cached is None:
+        with torch.inference_mode(False), torch.no_grad():   # usable by every later call
+            cached = torch.arange(n, device=device)
+        if n + sum(t.numel() for t in _ARANGE.values()) <= ARANGE_BUDGET:
+            _ARANGE[key] = cached
+    return cached
 
 
 def check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip, reg_weight, *,
