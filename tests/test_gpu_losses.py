@@ -237,8 +237,9 @@ def test_torch_compile(variants, mode):
 
 def test_launches_per_forward_and_backward(variants):
     """At a small shape the host bounds the loss: the forward is the split and finish kernels (at
-    most 3 launches; with pos_idx omitted the validation's arange adds one) and the backward at
-    most 4: the epilogue kernel and the variant's kernels. cuBLAS may add kernels of its own to a
+    most 3 launches; pos_idx omitted adds none after the first call: its arange is cached) and
+    the backward at most 4: the epilogue kernel and the variant's kernels (no zero gradients for
+    the op's unused outputs). cuBLAS may add kernels of its own to a
     product (split-K): counted apart, and printed."""
     from torch.profiler import ProfilerActivity, profile
 
