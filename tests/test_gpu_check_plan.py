@@ -153,3 +153,44 @@ def test_train_gpu_reads_the_epoch_record_from_metrics_jsonl(tmp_path):
     missing = subprocess.run(["bash", str(script), "--last-epoch", str(tmp_path / "none.jsonl")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 0 and missing.stdout == ""
+
+
+# ---- the GPU run's plugin: one config per autotuned kernel, untimed ----------------------------
+def test_one_config_per_kernel_runs_it_once_untimed():
+    """tests/gpu_one_config.py: the first pruned config, and no timing of it (triton 3.6 times a
+    single pruned config: ~100 ms of runs per autotuning key, some 8 runs of a second each at the
+    largest-N step's N = B = 65536); undone afterwards."""
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+    from gpu_one_config import autotuned_kernels, first_configs_only
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the toy kernel runs under the interpreter")
+    pruned = []
+
+    def prune(configs, named_args, **kwargs):
+        pruned.append(len(configs))
+        return configs
+
+    @triton.autotune(configs=[triton.Config({"B": 16}), triton.Config({"B": 32})], key=["n"],
+                     prune_configs_by={"early_config_prune": prune})
+    @triton.jit
+    def count_runs(count_ptr, n, B: tl.constexpr):
+        tl.atomic_add(count_ptr, B)
+
+    undo = first_configs_only([count_runs])
+    count = torch.zeros(1, dtype=torch.int32)
+    count_runs[(1,)](count, 5)
+    assert count.item() == 16 and pruned == [2]      # the first config, run once: no timing runs
+    assert count_runs.do_bench(lambda: 1 / 0, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    undo()
+    assert "do_bench" not in vars(count_runs) and count_runs.early_config_prune is prune
+    # the package's autotuned kernels are the ones it patches
+    kernels = autotuned_kernels()
+    undo = first_configs_only()
+    try:
+        assert all(vars(k)["do_bench"].__name__ == "_untimed" for k in kernels)
+    finally:
+        undo()
+    assert all("do_bench" not in vars(k) for k in kernels)
