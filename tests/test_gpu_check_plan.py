@@ -57,9 +57,9 @@ def fused(shape, variants, ms, dtype="bfloat16"):
                 cuda_variants=list(variants), median_s=ms / 1e3)
 
 
-def junit(path, failures=0, tests=40):
+def junit(path, failures=0, tests=40, skipped=2):
     path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="{tests}" '
-                    f'failures="{failures}" errors="0" skipped="2"></testsuite></testsuites>')
+                    f'failures="{failures}" errors="0" skipped="{skipped}"></testsuite></testsuites>')
 
 
 @pytest.fixture
@@ -106,6 +106,17 @@ def test_no_default_changes_without_passing_gpu_tests(results):
     junit(results / "gpu_tests.xml", failures=1)
     text, how = auto_table.build_table(results)
     assert load(text, results).MEASURED is None and "1 failures" in how
+    # every test skipped: nothing passed
+    junit(results / "gpu_tests.xml", tests=40, skipped=40)
+    text, how = auto_table.build_table(results)
+    assert load(text, results).MEASURED is None and "none ran" in how
+    # the tests step cut at its limit: pytest wrote the junit of the tests that ran, all passed
+    junit(results / "gpu_tests.xml")
+    (results / "steps.tsv").write_text("step\tstatus\tseconds\tlimit\ntests\tcut at the limit\t170\t170\n")
+    text, how = auto_table.build_table(results)
+    assert load(text, results).MEASURED is None and "cut at the limit" in how
+    (results / "steps.tsv").write_text("step\tstatus\tseconds\tlimit\ntests\tok\t150\t170\n")
+    assert load(auto_table.build_table(results)[0], results).MEASURED is not None
     (results / "gpu_tests.xml").unlink()      # the tests step was cut off: no verdict
     text, how = auto_table.build_table(results)
     assert load(text, results).RULES == [auto_table.DEFAULT_RULE] and "did not finish" in how
