@@ -25,6 +25,9 @@ import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ESTIMATORS = ("nce", "jsd", "dv")
+# The per-row statistic of the negatives each estimator is formed from (docs/design.md): the
+# logsumexp for "nce" and "dv", the sum of softplus for "jsd".
+NEG_REDUCTION = {"nce": "logsumexp", "jsd": "softplus_sum", "dv": "logsumexp"}
 STRICT_ENV = "AMDIM_KERNELS_STRICT"
 
 _F32 = torch.finfo(torch.float32)

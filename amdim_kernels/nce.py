@@ -94,8 +94,8 @@ def nce_statistics(src, trg, pos_idx, tclip, neg_reduction, loss):
     the public loss `loss` (its dispatch record)."""
     from . import ops  # builds the extension on first use
 
-    if src.device.type == "cpu" and src.dtype in (torch.float16, torch.bfloat16):
-        src, trg = src.float(), trg.float()   # the CPU kernels accumulate in fp32 from fp32 tiles
+    if src.device.type == "cpu":
+        src, trg = ops.cpu_kernel_inputs(src, trg)
     # torch.compile traces the op with its registered autograd (Dynamo rejects a Function with a
     # jvp); eager calls take the Function, which torch.func transforms accept.
     op = ops.nce_fwd if torch.compiler.is_compiling() else ops.NceStatistics.apply
@@ -141,7 +141,7 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     check_fused_dtype(backend, src, src_name)
     if backend == "triton" and not strict and not _functorch_transform() and _fused_epilogue():
         return _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, pos_idx_given)
-    neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
+    neg_reduction = _validate.NEG_REDUCTION[estimator]
     with _validate.autocast_disabled(src.device):
         pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction, estimator)
         bad = _validate.check_scores(sumsq, strict, **{src_name: src, trg_name: trg})

@@ -37,22 +37,11 @@ nce_loss = torch.ops.amdim_kernels.nce_loss
 nce_loss_bwd = torch.ops.amdim_kernels.nce_loss_bwd
 
 
-def _neg_reduction(estimator: str) -> str:
-    return "softplus_sum" if estimator == "jsd" else "logsumexp"
-
-
-def _cpu_inputs(src, trg):
-    # the CPU kernels accumulate in fp32 from fp32 tiles (as nce.nce_statistics)
-    if src.dtype in (torch.float16, torch.bfloat16):
-        return src.float(), trg.float()
-    return src, trg
-
-
 @torch.library.impl("amdim_kernels::nce_loss", "cpu")
 def _nce_loss_cpu(src, trg, pos_idx, tclip, reg_weight, estimator, check_range):
     from .nce import estimator_loss
-    s, t = _cpu_inputs(src, trg)
-    pos, neg_stat, sumsq = ops.nce_fwd(s, t, pos_idx, tclip, _neg_reduction(estimator))
+    s, t = ops.cpu_kernel_inputs(src, trg)
+    pos, neg_stat, sumsq = ops.nce_fwd(s, t, pos_idx, tclip, _validate.NEG_REDUCTION[estimator])
     b = trg.shape[0]
     bad = _validate.score_flag(sumsq, src, trg)
     if check_range:
@@ -87,9 +76,9 @@ def _nce_loss_bwd_cpu(grad_loss, grad_reg, src, trg, pos_idx, pos, neg_stat, bad
     zero = grad_loss.new_zeros(())   # no gradient where the forward poisoned (as torch.where's)
     grads = epilogue_grads(estimator, pos, neg_stat, trg.shape[0], reg_weight,
                            torch.where(bad, zero, grad_loss), torch.where(bad, zero, grad_reg))
-    s, t = _cpu_inputs(src, trg)
+    s, t = ops.cpu_kernel_inputs(src, trg)
     grad_src, grad_trg = ops.nce_bwd(*grads, s, t, pos_idx, neg_stat, tclip,
-                                     _neg_reduction(estimator))
+                                     _validate.NEG_REDUCTION[estimator])
     return grad_src.to(src.dtype), grad_trg.to(trg.dtype)
 
 

@@ -319,18 +319,25 @@ def _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tcl
     check_device(src, "the Triton nce_bwd")
 
 
+def kernel_inputs(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip,
+                  neg_reduction):
+    """nce_bwd's arguments checked and as the Triton backward kernels read them: src, trg,
+    pos_idx contiguous; grad_pos, grad_neg_stat, neg_stat contiguous fp32; grad_sumsq (1,) fp32."""
+    _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction)
+    f32 = torch.float32
+    return (src.contiguous(), trg.contiguous(), pos_idx.contiguous(),
+            grad_pos.to(f32).contiguous(), grad_neg_stat.to(f32).contiguous(),
+            grad_sumsq.to(f32).reshape(1), neg_stat.to(f32).contiguous())
+
+
 def nce_bwd_triton(grad_pos: torch.Tensor, grad_neg_stat: torch.Tensor, grad_sumsq: torch.Tensor,
                    src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
                    neg_stat: torch.Tensor, tclip: float | None, neg_reduction: str):
     """(grad_src, grad_trg) in the dtypes of src / trg, exactly as docs/design.md's
     amdim_kernels::nce_bwd. neg_stat is the forward's, so that exp(s - neg_stat) <= 1."""
-    _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction)
-    src, trg, pos_idx = src.contiguous(), trg.contiguous(), pos_idx.contiguous()
+    src, trg, pos_idx, gp, gn, gs, ns = kernel_inputs(grad_pos, grad_neg_stat, grad_sumsq, src, trg,
+                                                      pos_idx, neg_stat, tclip, neg_reduction)
     f32 = torch.float32
-    gp = grad_pos.to(f32).contiguous()
-    gn = grad_neg_stat.to(f32).contiguous()
-    gs = grad_sumsq.to(f32).reshape(1)
-    ns = neg_stat.to(f32).contiguous()
     n, d = src.shape
     b, l, _ = trg.shape
     m = b * l

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._triton_common import (INTERPRET, _positive_sample, _score_tile, device_guard,
                              input_precision, product_into)
-from .triton_nce_bwd import _check, _score_grad
+from .triton_nce_bwd import _score_grad, kernel_inputs
 
 # Scratch for one g chunk (bytes), as the CUDA kernel's score tile.
 G_BYTES = 32 << 20
@@ -138,13 +138,9 @@ def nce_bwd_triton_cublas(grad_pos: torch.Tensor, grad_neg_stat: torch.Tensor,
                           neg_reduction: str):
     """(grad_src, grad_trg) in the dtypes of src / trg, exactly as docs/design.md's
     amdim_kernels::nce_bwd. neg_stat is the forward's, so that exp(s - neg_stat) <= 1."""
-    _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction)
-    src, trg, pos_idx = src.contiguous(), trg.contiguous(), pos_idx.contiguous()
+    src, trg, pos_idx, gp, gn, gs, ns = kernel_inputs(grad_pos, grad_neg_stat, grad_sumsq, src, trg,
+                                                      pos_idx, neg_stat, tclip, neg_reduction)
     f32 = torch.float32
-    gp = grad_pos.to(f32).contiguous()
-    gn = grad_neg_stat.to(f32).contiguous()
-    gs = grad_sumsq.to(f32).reshape(1)
-    ns = neg_stat.to(f32).contiguous()
     n, d = src.shape
     b, l, _ = trg.shape
     m = b * l
