@@ -219,7 +219,8 @@ def check_estimator(estimator, b: int) -> None:
 
 def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_name: str = "src",
                      trg_name: str = "trg") -> torch.Tensor:
-    """Validate the arguments of the NCE loss; return pos_idx as an int64 tensor on src's device.
+    """Validate the arguments of the NCE loss; return pos_idx as a contiguous int64 tensor on src's
+    device.
 
     The pos_idx range is read back only when strict; otherwise the caller flags it on the device
     (`range_flag`). The fused kernels never index memory with pos_idx (they compare it with
@@ -259,9 +260,9 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
     if pos_idx.device != src.device:
         raise ValueError(f"pos_idx must be on the same device as {s} ({src.device}), "
                          f"got {pos_idx.device}")
-    # Every integer dtype is accepted; the kernels take int64. Converted first: torch has no
-    # min/max or comparisons for uint16/32/64. uint64 values of 2**63 or more become negative.
-    as_int64 = pos_idx.long()
+    # Every integer dtype is accepted; the kernels take contiguous int64. Converted first: torch
+    # has no min/max or comparisons for uint16/32/64. uint64 values of 2**63 or more become negative.
+    as_int64 = pos_idx.long().contiguous()
     if strict:
         lo, hi = int(as_int64.min()), int(as_int64.max())
         if lo < 0 and pos_idx.dtype == torch.uint64:

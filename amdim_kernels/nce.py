@@ -169,9 +169,8 @@ def _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, check_range)
     from . import nce_loss_op
     _ran_fused(estimator, src)
     with _validate.autocast_disabled(src.device):
-        loss, lgt_reg, _, _, _ = nce_loss_op.nce_loss(src.contiguous(), trg.contiguous(),
-                                                      pos_idx.contiguous(), tclip,
-                                                      float(reg_weight), estimator, check_range)
+        loss, lgt_reg, _, _, _ = nce_loss_op.nce_loss(src.contiguous(), trg.contiguous(), pos_idx,
+                                                      tclip, float(reg_weight), estimator, check_range)
     return loss, lgt_reg
 
 
