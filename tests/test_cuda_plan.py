@@ -98,7 +98,9 @@ def test_opcheck_of_the_cuda_kernels():
     """torch.library.opcheck of every op with its CUDA kernel (schema, fake kernel, autograd
     registration, AOT dispatch), the kernels restored afterwards."""
     src, trg, pos_idx = make_inputs(9, 7, 5, 11, requires_grad=False)
-    pos_idx = pos_idx.contiguous()
+    with cuda_plan_on_cpu("dense", "triton") as ran:   # the other variants' forward and backward
+        torch.library.opcheck(nce_loss_op.nce_loss, (src, trg, pos_idx, 5.0, 0.1, "nce", True))
+        torch.library.opcheck(ops.nce_fwd, (src, trg, pos_idx, None, "softplus_sum"))
     with cuda_plan_on_cpu("tiled", "triton_cublas") as ran:
         for estimator in ESTIMATORS:
             torch.library.opcheck(nce_loss_op.nce_loss, (src, trg, pos_idx, 20.0, 0.05, estimator,
