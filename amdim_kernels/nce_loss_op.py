@@ -11,7 +11,7 @@ the GPU, bounds the loss at AMDIM's per-GPU sizes; docs/design.md):
 
 loss and lgt_reg are those of fused_nce_loss, already NaN where `bad` (0-dim bool: a score not
 finite, or with check_range a pos_idx outside [0, B)); pos and neg_stat are nce_fwd's, kept for
-the backward. The CUDA kernels are Triton (triton_nce_loss.py). The CPU kernels compose nce_fwd /
+the backward (not differentiable: the backward takes gradients of loss and lgt_reg only). The CUDA kernels are Triton (triton_nce_loss.py). The CPU kernels compose nce_fwd /
 nce_bwd with the torch epilogue of amdim_kernels/nce.py (estimator_loss, regulariser), the one
 source of the epilogue's math, which the Triton kernels are tested against; the losses take this
 op on CUDA only. Its finiteness flag on the CPU is the bound-based one of _validate (the CPU
@@ -104,8 +104,10 @@ def _setup_context(ctx, inputs, output):
     src, trg, pos_idx, tclip, reg_weight, estimator, _ = inputs
     ctx.save_for_backward(src, trg, pos_idx, output[2], output[3], output[4])
     ctx.tclip, ctx.reg_weight, ctx.estimator = tclip, reg_weight, estimator
-    # pos, neg_stat and bad are for the backward, not the loss: no zero gradients for them (on a
-    # GPU each would be one more launch)
+    # pos, neg_stat and bad are kept for the backward, not a loss: not differentiable (no gradient
+    # flows back through them), and no zero gradients materialised for them (on a GPU each would
+    # be one more launch)
+    ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)
 
 

@@ -128,6 +128,17 @@ def test_backward_dispatches_only_the_backward_op():
         torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-6)
 
 
+def test_the_kept_statistics_are_not_differentiable():
+    """pos and neg_stat are outputs for the backward: a gradient through them would be dropped
+    (the backward takes those of loss and lgt_reg), so differentiating them is an error."""
+    src, trg, pos_idx = make_inputs(5, 4, 3, 6, torch.float32)
+    loss, reg, pos, neg_stat, bad = nce_loss_op.nce_loss(src, trg, pos_idx, 20.0, 0.05, "nce", True)
+    assert loss.requires_grad and reg.requires_grad
+    assert not (pos.requires_grad or neg_stat.requires_grad or bad.requires_grad)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        (pos.sum() + neg_stat.sum()).backward()
+
+
 def test_second_derivative_raises():
     src, trg, pos_idx = make_inputs(5, 4, 3, 6, torch.float64)
     loss = nce_loss_op.nce_loss(src, trg, pos_idx, 20.0, 0.05, "nce", True)[0]
