@@ -143,6 +143,18 @@ def _positive_sample(pos_idx_ptr, rows, row_ok, B):
 
 
 @triton.jit
+def _resident_block(rows_ptr, ok, D, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (rows, BLOCK_D) block of a row-major operand of D <= BLOCK_D columns (rows_ptr
+    (rows, 1) at the rows' starts, ok (rows,) masking them; padding loaded as zeros), loaded once
+    before a kernel's loop as _score_tile's lhs_all (ONE_CHUNK), upcast under UPCAST."""
+    ks = tl.arange(0, BLOCK_D)
+    x = tl.load(rows_ptr + ks[None, :], mask=ok[:, None] & (ks < D)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr,
                 BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -151,9 +163,9 @@ def _score_tile(lhs_all, lhs_rows, lhs_ok, rhs_rows, rhs_ok, D,
     (1, BLOCK_R) point at the rows' starts, lhs_ok (BLOCK_L,) and rhs_ok (BLOCK_R,) mask them;
     padded rows and columns are loaded as zeros, so their entries of the tile are exactly 0.
     ONE_CHUNK (D <= BLOCK_D): lhs_all is the caller's (BLOCK_L, BLOCK_D) lhs block, loaded once
-    outside its loop (and upcast under UPCAST), and the tile is one dot; else (lhs_all unused)
-    tl.dot accumulates over D in BLOCK_D chunks. UPCAST: the interpreter's bf16 tl.dot is wrong,
-    so dot in fp32."""
+    outside its loop by _resident_block, and the tile is one dot; else (lhs_all unused) tl.dot
+    accumulates over D in BLOCK_D chunks. UPCAST: the interpreter's bf16 tl.dot is wrong, so dot
+    in fp32."""
     if ONE_CHUNK:
         ks = tl.arange(0, BLOCK_D)
         y = tl.load(rhs_rows + ks[:, None], mask=(ks < D)[:, None] & rhs_ok[None, :], other=0.0)

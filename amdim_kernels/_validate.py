@@ -25,6 +25,9 @@ import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ESTIMATORS = ("nce", "jsd", "dv")
+# The per-row statistic of the negatives each estimator is formed from (docs/design.md): the
+# logsumexp for "nce" and "dv", the sum of softplus for "jsd".
+NEG_REDUCTION = {"nce": "logsumexp", "jsd": "softplus_sum", "dv": "logsumexp"}
 STRICT_ENV = "AMDIM_KERNELS_STRICT"
 
 _F32 = torch.finfo(torch.float32)
@@ -216,7 +219,8 @@ def check_estimator(estimator, b: int) -> None:
 
 def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_name: str = "src",
                      trg_name: str = "trg") -> torch.Tensor:
-    """Validate the arguments of the NCE loss; return pos_idx as an int64 tensor on src's device.
+    """Validate the arguments of the NCE loss; return pos_idx as a contiguous int64 tensor on src's
+    device.
 
     The pos_idx range is read back only when strict; otherwise the caller flags it on the device
     (`range_flag`). The fused kernels never index memory with pos_idx (they compare it with
@@ -243,7 +247,7 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
         if n != b:
             raise ValueError(f"pos_idx=None means row i's positives are sample i, which needs N == B; "
                              f"got N={n} and B={b}: pass pos_idx")
-        return torch.arange(n, device=src.device)
+        return default_pos_idx(n, src.device)
     if not isinstance(pos_idx, torch.Tensor):
         raise TypeError(f"pos_idx must be an integer tensor of shape (N,) or None, "
                         f"got {type(pos_idx).__name__}")
@@ -256,9 +260,9 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
     if pos_idx.device != src.device:
         raise ValueError(f"pos_idx must be on the same device as {s} ({src.device}), "
                          f"got {pos_idx.device}")
-    # Every integer dtype is accepted; the kernels take int64. Converted first: torch has no
-    # min/max or comparisons for uint16/32/64. uint64 values of 2**63 or more become negative.
-    as_int64 = pos_idx.long()
+    # Every integer dtype is accepted; the kernels take contiguous int64. Converted first: torch
+    # has no min/max or comparisons for uint16/32/64. uint64 values of 2**63 or more become negative.
+    as_int64 = pos_idx.long().contiguous()
     if strict:
         lo, hi = int(as_int64.min()), int(as_int64.max())
         if lo < 0 and pos_idx.dtype == torch.uint64:
@@ -267,6 +271,40 @@ def check_nce_inputs(src, trg, pos_idx, tclip, reg_weight, *, strict: bool, src_
         if lo < 0 or hi >= b:
             raise ValueError(f"pos_idx values must lie in [0, B) = [0, {b}), got values in [{lo}, {hi}]")
     return as_int64
+
+
+# pos_idx=None is arange(N): on a GPU a launch (and ~5 us of host time) per call, in a forward of
+# two or three launches at AMDIM's per-GPU sizes. Cached per (N, device, stream), never freed (a
+# CUDA graph captured with a cached tensor keeps reading it; per stream, because a call on another
+# stream could read it before the kernel that wrote it has run), within a budget of elements
+# beyond which calls make their own (a loop over ever new N).
+_ARANGE: dict = {}
+ARANGE_BUDGET = 1 << 20   # int64 elements in all (8 MiB)
+
+
+def default_pos_idx(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) on `device`: from the cache in eager calls on CPU or CUDA tensors; made afresh
+    where a cached tensor would be wrong: under torch.compile / export (traced into the graph),
+    during CUDA-graph capture (its kernel would not run before replay) and under FakeTensorMode
+    (its tensors must not outlive it)."""
+    kind = device.type
+    if _tracing() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return torch.arange(n, device=device)
+    if kind == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.arange(n, device=device)
+        key = (n, device, torch._C._cuda_getCurrentRawStream(device.index))
+    elif kind == "cpu":
+        key = (n, device, None)
+    else:
+        return torch.arange(n, device=device)
+    cached = _ARANGE.get(key)
+    if cached is None:
+        with torch.inference_mode(False), torch.no_grad():   # usable by every later call
+            cached = torch.arange(n, device=device)
+        if n + sum(t.numel() for t in _ARANGE.values()) <= ARANGE_BUDGET:
+            _ARANGE[key] = cached
+    return cached
 
 
 def check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q, tclip, reg_weight, *,

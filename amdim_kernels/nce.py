@@ -32,6 +32,9 @@ def record_dispatch() -> Iterator[list[Dispatch]]:
     """Within the block, every fused_nce_loss / fused_mixture_nce_loss call (also through
     compat.g2l_loss and the modules, and under torch.compile) appends the Dispatch it ran to the
     list this yields: which backend backend="auto" really chose. Outside a block nothing is kept.
+    The record is made where the work is handed over (the call of the fused op, named by the
+    device whose kernel the dispatcher runs for its tensors, or the call of the reference), not
+    where the backend is resolved: a branch that ran something else cannot record "cpp".
 
         with record_dispatch() as ran:
             loss, lgt_reg = fused_nce_loss(src, trg)
@@ -80,15 +83,23 @@ def check_fused_dtype(backend: str, x: torch.Tensor, name: str) -> None:
                         f"accumulate in float64)")
 
 
-def nce_statistics(src, trg, pos_idx, tclip, neg_reduction):
-    """(pos, neg_stat, sumsq) of the score matrix through the registered op (docs/design.md)."""
+def _ran_fused(loss: str, x: torch.Tensor) -> None:
+    """Record that `loss` hands its work to the fused op, whose kernel is that of x's device
+    (the dispatcher runs the Triton kernels for CUDA tensors, the C++ ones for CPU tensors)."""
+    _dispatched(loss, "triton" if x.is_cuda else "cpp")
+
+
+def nce_statistics(src, trg, pos_idx, tclip, neg_reduction, loss):
+    """(pos, neg_stat, sumsq) of the score matrix through the registered op (docs/design.md), for
+    the public loss `loss` (its dispatch record)."""
     from . import ops  # builds the extension on first use
 
-    if src.device.type == "cpu" and src.dtype in (torch.float16, torch.bfloat16):
-        src, trg = src.float(), trg.float()   # the CPU kernels accumulate in fp32 from fp32 tiles
+    if src.device.type == "cpu":
+        src, trg = ops.cpu_kernel_inputs(src, trg)
     # torch.compile traces the op with its registered autograd (Dynamo rejects a Function with a
     # jvp); eager calls take the Function, which torch.func transforms accept.
     op = ops.nce_fwd if torch.compiler.is_compiling() else ops.NceStatistics.apply
+    _ran_fused(loss, src)
     return op(src.contiguous(), trg.contiguous(), pos_idx, tclip, neg_reduction)
 
 
@@ -123,16 +134,16 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     b = trg.shape[0]
     _validate.check_estimator(estimator, b)
     backend = resolve_backend(backend, src.device)
-    _dispatched(estimator, backend)
     if backend == "reference":
+        _dispatched(estimator, "reference")
         return nce_loss_reference(src, trg, pos_idx, tclip=tclip, reg_weight=reg_weight,
                                   estimator=estimator, strict=strict)
     check_fused_dtype(backend, src, src_name)
     if backend == "triton" and not strict and not _functorch_transform() and _fused_epilogue():
         return _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, pos_idx_given)
-    neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
+    neg_reduction = _validate.NEG_REDUCTION[estimator]
     with _validate.autocast_disabled(src.device):
-        pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction)
+        pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction, estimator)
         bad = _validate.check_scores(sumsq, strict, **{src_name: src, trg_name: trg})
         if pos_idx_given and not strict:   # a strict call has checked the range already
             bad = bad | _validate.range_flag(pos_idx, b)
@@ -156,10 +167,10 @@ def _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, check_range)
     """The non-strict CUDA path: the whole loss in one op (nce_loss_op.py), a few launches
     instead of nce_fwd and some twenty launches of the torch epilogue below."""
     from . import nce_loss_op
+    _ran_fused(estimator, src)
     with _validate.autocast_disabled(src.device):
-        loss, lgt_reg, _, _, _ = nce_loss_op.nce_loss(src.contiguous(), trg.contiguous(),
-                                                      pos_idx.contiguous(), tclip,
-                                                      float(reg_weight), estimator, check_range)
+        loss, lgt_reg, _, _, _ = nce_loss_op.nce_loss(src.contiguous(), trg.contiguous(), pos_idx,
+                                                      tclip, float(reg_weight), estimator, check_range)
     return loss, lgt_reg
 
 
@@ -196,8 +207,8 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
     pos_idx, alpha = _validate.check_mixture_inputs(src_mix, trg, pos_idx, tau, alpha, detach_q,
                                                     tclip, reg_weight, strict=strict)
     backend = resolve_backend(backend, src_mix.device)
-    _dispatched("mixture", backend)
     if backend == "reference":
+        _dispatched("mixture", "reference")
         return mixture_nce_loss_reference(src_mix, trg, pos_idx, tau=tau, alpha=alpha,
                                           detach_q=detach_q, tclip=tclip, reg_weight=reg_weight,
                                           strict=strict)
@@ -210,7 +221,7 @@ def fused_mixture_nce_loss(src_mix: torch.Tensor, trg: torch.Tensor,
         # Component rows r = i*k + j go through the same tiled pass as plain sources.
         pos, lse_neg, sumsq = nce_statistics(src_mix.reshape(n * k, d), trg,
                                              pos_idx[:, None].expand(n, k).reshape(n * k),
-                                             tclip, "logsumexp")
+                                             tclip, "logsumexp", "mixture")
         bad = _validate.check_scores(sumsq, strict, src_mix=src_mix, trg=trg)
         if pos_idx_given and not strict:
             bad = bad | _validate.range_flag(pos_idx, b)

@@ -11,7 +11,7 @@ the GPU, bounds the loss at AMDIM's per-GPU sizes; docs/design.md):
 
 loss and lgt_reg are those of fused_nce_loss, already NaN where `bad` (0-dim bool: a score not
 finite, or with check_range a pos_idx outside [0, B)); pos and neg_stat are nce_fwd's, kept for
-the backward. The CUDA kernels are Triton (triton_nce_loss.py). The CPU kernels compose nce_fwd /
+the backward (not differentiable: the backward takes gradients of loss and lgt_reg only). The CUDA kernels are Triton (triton_nce_loss.py). The CPU kernels compose nce_fwd /
 nce_bwd with the torch epilogue of amdim_kernels/nce.py (estimator_loss, regulariser), the one
 source of the epilogue's math, which the Triton kernels are tested against; the losses take this
 op on CUDA only. Its finiteness flag on the CPU is the bound-based one of _validate (the CPU
@@ -37,22 +37,11 @@ nce_loss = torch.ops.amdim_kernels.nce_loss
 nce_loss_bwd = torch.ops.amdim_kernels.nce_loss_bwd
 
 
-def _neg_reduction(estimator: str) -> str:
-    return "softplus_sum" if estimator == "jsd" else "logsumexp"
-
-
-def _cpu_inputs(src, trg):
-    # the CPU kernels accumulate in fp32 from fp32 tiles (as nce.nce_statistics)
-    if src.dtype in (torch.float16, torch.bfloat16):
-        return src.float(), trg.float()
-    return src, trg
-
-
 @torch.library.impl("amdim_kernels::nce_loss", "cpu")
 def _nce_loss_cpu(src, trg, pos_idx, tclip, reg_weight, estimator, check_range):
     from .nce import estimator_loss
-    s, t = _cpu_inputs(src, trg)
-    pos, neg_stat, sumsq = ops.nce_fwd(s, t, pos_idx, tclip, _neg_reduction(estimator))
+    s, t = ops.cpu_kernel_inputs(src, trg)
+    pos, neg_stat, sumsq = ops.nce_fwd(s, t, pos_idx, tclip, _validate.NEG_REDUCTION[estimator])
     b = trg.shape[0]
     bad = _validate.score_flag(sumsq, src, trg)
     if check_range:
@@ -87,9 +76,9 @@ def _nce_loss_bwd_cpu(grad_loss, grad_reg, src, trg, pos_idx, pos, neg_stat, bad
     zero = grad_loss.new_zeros(())   # no gradient where the forward poisoned (as torch.where's)
     grads = epilogue_grads(estimator, pos, neg_stat, trg.shape[0], reg_weight,
                            torch.where(bad, zero, grad_loss), torch.where(bad, zero, grad_reg))
-    s, t = _cpu_inputs(src, trg)
+    s, t = ops.cpu_kernel_inputs(src, trg)
     grad_src, grad_trg = ops.nce_bwd(*grads, s, t, pos_idx, neg_stat, tclip,
-                                     _neg_reduction(estimator))
+                                     _validate.NEG_REDUCTION[estimator])
     return grad_src.to(src.dtype), grad_trg.to(trg.dtype)
 
 
@@ -115,16 +104,24 @@ def _setup_context(ctx, inputs, output):
     src, trg, pos_idx, tclip, reg_weight, estimator, _ = inputs
     ctx.save_for_backward(src, trg, pos_idx, output[2], output[3], output[4])
     ctx.tclip, ctx.reg_weight, ctx.estimator = tclip, reg_weight, estimator
+    # pos, neg_stat and bad are kept for the backward, not a loss: not differentiable (no gradient
+    # flows back through them), and no zero gradients materialised for them (on a GPU each would
+    # be one more launch)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_reg, *unused):
     need_src, need_trg = ctx.needs_input_grad[:2]
-    if not (need_src or need_trg):
+    if not (need_src or need_trg) or (grad_loss is None and grad_reg is None):
         return None, None, None, None, None, None, None
     src, trg, pos_idx, pos, neg_stat, bad = ctx.saved_tensors
-    zero = pos.new_zeros(())
-    args = (zero if grad_loss is None else grad_loss, zero if grad_reg is None else grad_reg,
-            src, trg, pos_idx, pos, neg_stat, bad, ctx.tclip, ctx.reg_weight, ctx.estimator)
+    if grad_loss is None or grad_reg is None:   # only one of loss, lgt_reg reached the objective
+        zero = pos.new_zeros(())
+        grad_loss = zero if grad_loss is None else grad_loss
+        grad_reg = zero if grad_reg is None else grad_reg
+    args = (grad_loss, grad_reg, src, trg, pos_idx, pos, neg_stat, bad, ctx.tclip,
+            ctx.reg_weight, ctx.estimator)
     # With create_graph=True (grad mode on here) the result must refuse a second backward.
     grad_src, grad_trg = NceLossBackward.apply(*args) if torch.is_grad_enabled() else nce_loss_bwd(*args)
     return (grad_src if need_src else None), (grad_trg if need_trg else None), None, None, None, None, None

@@ -46,6 +46,14 @@ def _nce_bwd_fake(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_st
     return torch.empty_like(src), torch.empty_like(trg)
 
 
+def cpu_kernel_inputs(src: torch.Tensor, trg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """src, trg as the CPU kernels take them: they accumulate in fp32 from fp32 tiles, so 16-bit
+    inputs are upcast first (the CUDA kernels take them as they are)."""
+    if src.dtype in (torch.float16, torch.bfloat16):
+        return src.float(), trg.float()
+    return src, trg
+
+
 def _setup_context(ctx, inputs, output):
     src, trg, pos_idx, tclip, neg_reduction = inputs
     ctx.save_for_backward(src, trg, pos_idx, output[1])

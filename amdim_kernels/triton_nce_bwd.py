@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (INTERPRET, _positive_sample, _score_tile, _sigmoid, _tanh_dtanh,
-                             check_device, device_guard, input_precision, sm_count)
+from ._triton_common import (INTERPRET, _positive_sample, _resident_block, _score_tile, _sigmoid,
+                             _tanh_dtanh, check_device, device_guard, input_precision, sm_count)
 
 # GPU tile configs (autotuned per shape). The accumulator is the register-hungry part: 64 x 256
 # fp32 over 8 warps is 64 registers per thread, beside the score tile and the operand tiles. The
@@ -155,10 +155,7 @@ def _nce_bwd_src_kernel(
     dout_ok = dout < D
     src_rows = src_ptr + rows64[:, None] * D
     if ONE_CHUNK:
-        ks = tl.arange(0, BLOCK_D)
-        x_all = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
-        if UPCAST:
-            x_all = x_all.to(tl.float32)
+        x_all = _resident_block(src_rows, row_ok, D, UPCAST, BLOCK_D)
     else:
         x_all = None   # _score_tile loads the row block chunk by chunk
 
@@ -215,10 +212,7 @@ def _nce_bwd_trg_kernel(
     dout_ok = dout < D
     trg_cols = trg_ptr + cols64[:, None] * D
     if ONE_CHUNK:
-        ks = tl.arange(0, BLOCK_D)
-        y_all = tl.load(trg_cols + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
-        if UPCAST:
-            y_all = y_all.to(tl.float32)
+        y_all = _resident_block(trg_cols, col_ok, D, UPCAST, BLOCK_D)
     else:
         y_all = None   # _score_tile loads the column block chunk by chunk
 
@@ -319,18 +313,25 @@ def _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tcl
     check_device(src, "the Triton nce_bwd")
 
 
+def kernel_inputs(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip,
+                  neg_reduction):
+    """nce_bwd's arguments checked and as the Triton backward kernels read them: src, trg,
+    pos_idx contiguous; grad_pos, grad_neg_stat, neg_stat contiguous fp32; grad_sumsq (1,) fp32."""
+    _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction)
+    f32 = torch.float32
+    return (src.contiguous(), trg.contiguous(), pos_idx.contiguous(),
+            grad_pos.to(f32).contiguous(), grad_neg_stat.to(f32).contiguous(),
+            grad_sumsq.to(f32).reshape(1), neg_stat.to(f32).contiguous())
+
+
 def nce_bwd_triton(grad_pos: torch.Tensor, grad_neg_stat: torch.Tensor, grad_sumsq: torch.Tensor,
                    src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
                    neg_stat: torch.Tensor, tclip: float | None, neg_reduction: str):
     """(grad_src, grad_trg) in the dtypes of src / trg, exactly as docs/design.md's
     amdim_kernels::nce_bwd. neg_stat is the forward's, so that exp(s - neg_stat) <= 1."""
-    _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction)
-    src, trg, pos_idx = src.contiguous(), trg.contiguous(), pos_idx.contiguous()
+    src, trg, pos_idx, gp, gn, gs, ns = kernel_inputs(grad_pos, grad_neg_stat, grad_sumsq, src, trg,
+                                                      pos_idx, neg_stat, tclip, neg_reduction)
     f32 = torch.float32
-    gp = grad_pos.to(f32).contiguous()
-    gn = grad_neg_stat.to(f32).contiguous()
-    gs = grad_sumsq.to(f32).reshape(1)
-    ns = neg_stat.to(f32).contiguous()
     n, d = src.shape
     b, l, _ = trg.shape
     m = b * l

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._triton_common import (INTERPRET, _positive_sample, _score_tile, device_guard,
                              input_precision, product_into)
-from .triton_nce_bwd import _check, _score_grad
+from .triton_nce_bwd import _score_grad, kernel_inputs
 
 # Scratch for one g chunk (bytes), as the CUDA kernel's score tile.
 G_BYTES = 32 << 20
@@ -52,6 +52,9 @@ _FP32_CONFIGS = [
 _INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16}, num_warps=4,
                                     num_stages=1)]
 CONFIGS = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS + _FP32_CONFIGS
+# The g kernel's grid is (row tiles, column tiles) and CUDA caps a grid's y at 65535: a chunk has
+# at most this many columns (N of a few rows against millions of targets would exceed it).
+_MAX_COLS = 65535 * min(c.kwargs["BLOCK_M"] for c in _GPU_CONFIGS + _FP32_CONFIGS)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -103,12 +106,13 @@ def _nce_g_kernel(
 
 def chunks(n: int, m: int, esize: int, budget: int | None = None) -> tuple[int, int]:
     """(rows R, columns C) of a g chunk: every row when R = N fits beside _COL_QUANTUM columns,
-    then as many columns as fit, multiples of _COL_QUANTUM; both spread evenly over the counts
-    so found (no sliver of a last chunk, so at most two chunk shapes to autotune)."""
+    then as many columns as fit (at most _MAX_COLS), multiples of _COL_QUANTUM; both spread
+    evenly over the counts so found (no sliver of a last chunk, so at most two chunk shapes to
+    autotune)."""
     elems = max((G_BYTES if budget is None else budget) // esize, _COL_QUANTUM)
     row_chunks = triton.cdiv(n, max(1, elems // _COL_QUANTUM))
     rows = triton.cdiv(n, row_chunks)
-    max_cols = max(_COL_QUANTUM, elems // rows // _COL_QUANTUM * _COL_QUANTUM)
+    max_cols = max(_COL_QUANTUM, min(elems // rows, _MAX_COLS) // _COL_QUANTUM * _COL_QUANTUM)
     col_chunks = triton.cdiv(m, max_cols)
     cols = min(m, triton.cdiv(triton.cdiv(m, col_chunks), _COL_QUANTUM) * _COL_QUANTUM)
     return rows, cols
@@ -134,13 +138,9 @@ def nce_bwd_triton_cublas(grad_pos: torch.Tensor, grad_neg_stat: torch.Tensor,
                           neg_reduction: str):
     """(grad_src, grad_trg) in the dtypes of src / trg, exactly as docs/design.md's
     amdim_kernels::nce_bwd. neg_stat is the forward's, so that exp(s - neg_stat) <= 1."""
-    _check(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip, neg_reduction)
-    src, trg, pos_idx = src.contiguous(), trg.contiguous(), pos_idx.contiguous()
+    src, trg, pos_idx, gp, gn, gs, ns = kernel_inputs(grad_pos, grad_neg_stat, grad_sumsq, src, trg,
+                                                      pos_idx, neg_stat, tclip, neg_reduction)
     f32 = torch.float32
-    gp = grad_pos.to(f32).contiguous()
-    gn = grad_neg_stat.to(f32).contiguous()
-    gs = grad_sumsq.to(f32).reshape(1)
-    ns = neg_stat.to(f32).contiguous()
     n, d = src.shape
     b, l, _ = trg.shape
     m = b * l

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (INTERPRET, _clip, _negatives_final, _negatives_update,
-                             _positive_sample, _score_tile, check_device,
+                             _positive_sample, _resident_block, _score_tile, check_device,
                              device_guard, input_precision, sm_count)
 
 # Opt-in variants, read once at import; both UNMEASURED on a GPU (benchmarks/NOTES.md), so not
@@ -129,10 +129,7 @@ def _nce_fwd_split_kernel(
     if ONE_CHUNK:
         # Load the row block once: the column loop then holds a single dot, and the software
         # pipeline prefetches the next trg tile across column tiles instead of restarting per tile.
-        ks = tl.arange(0, BLOCK_D)
-        x_all = tl.load(src_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
-        if UPCAST:
-            x_all = x_all.to(tl.float32)
+        x_all = _resident_block(src_rows, row_ok, D, UPCAST, BLOCK_D)
     else:
         x_all = None   # _score_tile loads the row block chunk by chunk
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import _sigmoid, _softplus, check_device, device_guard
-from ._validate import autocast_disabled
+from ._validate import NEG_REDUCTION, autocast_disabled
 
 ESTIMATOR_CODES = {"nce": 0, "jsd": 1, "dv": 2}
 _WARPS = 8
@@ -216,7 +216,7 @@ def nce_loss_cuda(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
     check_device(src, "the Triton nce_loss")
     n, d = src.shape
     b, l, _ = trg.shape
-    neg_reduction = "softplus_sum" if estimator == "jsd" else "logsumexp"
+    neg_reduction = NEG_REDUCTION[estimator]
     fwd, _ = ops.SELECTION.choose(*ops._problem(src, trg))
     with autocast_disabled(src.device), device_guard(src):
         if fwd == "dense":
@@ -264,4 +264,4 @@ def nce_loss_bwd_cuda(grad_loss: torch.Tensor, grad_reg: torch.Tensor, src: torc
             ESTIMATOR=ESTIMATOR_CODES[estimator], BLOCK_R=block_r, BLOCK_L=block_l,
             num_warps=_WARPS)
         return ops._nce_bwd_cuda(grad_pos, grad_neg, grad_sq, src, trg, pos_idx, neg_stat, tclip,
-                                 "softplus_sum" if estimator == "jsd" else "logsumexp")
+                                 NEG_REDUCTION[estimator])

@@ -25,16 +25,30 @@ DEFAULT_RULE = {"fwd": "tiled", "bwd": ["cuda", "triton"]}
 DENSE_MAX_BYTES = 64 << 20
 
 
+def step_status(results: Path, step: str) -> str | None:
+    """The last status steps.tsv records for `step` ("ok", "cut at the limit", "exit N"), or None."""
+    path = results / "steps.tsv"
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]] if path.exists() else []
+    statuses = [row[1] for row in rows if len(row) > 1 and row[0] == step]
+    return statuses[-1] if statuses else None
+
+
 def tests_passed(results: Path) -> tuple[bool, str]:
-    """(whether the run's GPU tests all passed, a line saying what they did)."""
+    """(whether the run's GPU tests all passed, a line saying what they did). A tests step cut at
+    its limit leaves a junit file of the tests that ran (pytest writes it when interrupted), and a
+    run whose tests were all skipped passed nothing: neither counts."""
     xml = results / "gpu_tests.xml"
     if not xml.exists():
         return False, "no gpu_tests.xml (the tests step did not finish)"
     suites = ET.parse(xml).getroot()
     suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    ok = counts["tests"] > 0 and counts["failures"] == 0 and counts["errors"] == 0
-    return ok, ", ".join(f"{v} {k}" for k, v in counts.items())
+    said = ", ".join(f"{v} {k}" for k, v in counts.items())
+    step = step_status(results, "tests")
+    if step not in (None, "ok"):
+        return False, f"{said}; the tests step did not complete ({step})"
+    ok = counts["tests"] > counts["skipped"] and counts["failures"] == 0 and counts["errors"] == 0
+    return ok, said + ("" if ok or counts["failures"] or counts["errors"] else "; none ran")
 
 
 def timings(results: Path) -> dict:

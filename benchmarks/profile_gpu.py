@@ -147,7 +147,7 @@ def bwd_compare(name, shape, dtype, tclip=20.0, record=print):
         record(row)
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["S1", "S2"], choices=list(SHAPES))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -156,7 +156,11 @@ def main():
     p.add_argument("--bwd-compare", action="store_true",
                    help="time every nce_bwd variant (CUDA C++, Triton, Triton g + cuBLAS) on the same inputs")
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
           "bwd tile MiB", os.environ.get("AMDIM_NCE_BWD_TILE_MIB", "32 (default)"))

@@ -1,7 +1,9 @@
 """Shared by the loss tests: input builders, running a loss with its gradients, the two ways
 of comparing a fused result with the reference (tolerances, or error within plain torch's), and
-`expect_fused`, which makes every such comparison fail when the fused kernel did not run."""
+`expect_fused`, which makes every such comparison fail when the fused kernel did not run;
+`cuda_plan_on_cpu`, the public losses' CUDA plan on CPU tensors."""
 import contextlib
+import warnings
 
 import torch
 
@@ -61,3 +63,40 @@ def assert_error_within_torch_error(fused_fn, ref_fn, src, trg, pos_idx, **kw):
                              run(ref_fn, torch.float32), truth):
         err, err_torch = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
         assert err <= 2 * err_torch + 1e-5 * t.abs().max().item(), (name, err, err_torch)
+
+
+@contextlib.contextmanager
+def cuda_plan_on_cpu(fwd="", bwd="", epilogue=""):
+    """Run the public losses' CUDA plan on CPU tensors: backend "auto" resolves to "triton", and
+    every op's CPU dispatch key runs its CUDA kernel (the Triton kernels, under the interpreter),
+    with the variants given ("" = by the table). Yields the list of CUDA kernels that ran (the
+    dispatch record names kernels by device, so it says "cpp" here). Restores everything after."""
+    from amdim_kernels import mixture, nce, nce_loss_op, ops  # noqa: F401 (register their ops)
+    from amdim_kernels.triton_mixture import mixture_bwd_triton, mixture_fwd_triton
+    from amdim_kernels.triton_nce_loss import nce_loss_bwd_cuda, nce_loss_cuda
+    saved = ops.SELECTION, ops.HAS_TRITON_CUDA, dict(nce._FUSED_DEVICE)
+    assert ops._register_cuda(cuda_available=True, cuda_status=(None, "CPU test"), fwd_choice=fwd,
+                              bwd_choice=bwd, epilogue_choice=epilogue) is None
+    ran = []
+
+    def counted(name, kernel):
+        def run(*args):
+            ran.append(name)
+            return kernel(*args)
+        return run
+    lib = torch.library.Library("amdim_kernels", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        for name, kernel in (("nce_fwd", ops._nce_fwd_cuda), ("nce_bwd", ops._nce_bwd_cuda),
+                             ("nce_loss", nce_loss_cuda), ("nce_loss_bwd", nce_loss_bwd_cuda),
+                             ("mixture_fwd", mixture_fwd_triton), ("mixture_bwd", mixture_bwd_triton)):
+            lib.impl(name, counted(name, kernel), "CPU")
+    nce._FUSED_DEVICE.update(triton="cpu", cpp="cuda")
+    ops.HAS_TRITON_CUDA = True
+    try:
+        yield ran
+    finally:
+        lib._destroy()
+        ops.SELECTION, ops.HAS_TRITON_CUDA = saved[:2]
+        nce._FUSED_DEVICE.clear()
+        nce._FUSED_DEVICE.update(saved[2])

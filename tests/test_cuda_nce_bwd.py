@@ -2,6 +2,7 @@
 math where nvcc is present, and accuracy / memory checks against float64 autograd on a GPU."""
 import ctypes
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -46,6 +47,24 @@ def test_fast_math_keeps_accurate_tanh(tmp_path):
     ptx = tmp_path / "nce_bwd.ptx"
     run_nvcc([*NVCC_FLAGS, "-arch=sm_90", "-ptx", str(CUDA_DIR / "nce_bwd.cu"), "-o", str(ptx)])
     assert "tanh.approx" not in ptx.read_text()
+
+
+def test_the_torch_binding_compiles_against_this_torchs_headers(tmp_path):
+    """csrc/cuda/nce_cuda.cpp (the op, cuBLAS through ATen) is built only on a GPU machine, whose
+    torch has CUDA; its C++ is checked here against this torch's headers (a CPU wheel has the
+    c10/cuda headers but not the generated cuda_cmake_macros.h, which the check skips) and the
+    CUDA toolkit's, so that an error there does not cost the GPU call the CUDA C++ variant."""
+    from torch.utils import cpp_extension
+    cuda_home = cpp_extension.CUDA_HOME or "/usr/local/cuda"
+    if not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
+        pytest.skip(f"no CUDA toolkit headers under {cuda_home}")
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{cuda_home}/include"]
+    proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-w", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+                           *includes, str(CUDA_DIR / "nce_cuda.cpp")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 # ---- the kernel's per-element code, run on the host ---------------------------------------------

@@ -193,6 +193,27 @@ def test_cuda_graph_capture_replays_the_loss(variants, bwd):
         torch.testing.assert_close(got, ref)
 
 
+def test_omitted_pos_idx_on_streams_and_under_graph_capture(variants):
+    """pos_idx=None is cached per (N, device, stream) in eager calls and made in the graph during
+    capture (_validate.default_pos_idx): each gives the loss of the explicit arange."""
+    variants()
+    src, trg, _ = (x.detach() for x in gpu_inputs(200, 200, 49, 64, torch.bfloat16))
+    want = ak.fused_nce_loss(src, trg, torch.arange(200, device=DEV))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # cached for the side stream; the warm-up capture needs
+        for _ in range(2):
+            on_side = ak.fused_nce_loss(src, trg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ak.fused_nce_loss(src, trg)
+    graph.replay()
+    eager = ak.fused_nce_loss(src, trg)   # cached for this stream
+    for got in (on_side, captured, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_torch_compile(variants, mode):
     variants()
@@ -216,8 +237,9 @@ def test_torch_compile(variants, mode):
 
 def test_launches_per_forward_and_backward(variants):
     """At a small shape the host bounds the loss: the forward is the split and finish kernels (at
-    most 3 launches; with pos_idx omitted the validation's arange adds one) and the backward at
-    most 4: the epilogue kernel and the variant's kernels. cuBLAS may add kernels of its own to a
+    most 3 launches; pos_idx omitted adds none after the first call: its arange is cached) and
+    the backward at most 4: the epilogue kernel and the variant's kernels (no zero gradients for
+    the op's unused outputs). cuBLAS may add kernels of its own to a
     product (split-K): counted apart, and printed."""
     from torch.profiler import ProfilerActivity, profile
 

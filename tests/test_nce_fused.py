@@ -119,6 +119,36 @@ def test_dispatch_record_covers_every_entry_point():
     assert nce._recorders == []
 
 
+def _mutant_of_nce(replace: str, by: str, nth: int):
+    """amdim_kernels/nce.py with its nth `replace` (0-based) changed to `by`: a deliberate breakage,
+    loaded as a module of the package beside the real one."""
+    import inspect
+    import types
+    from amdim_kernels import nce
+    source = inspect.getsource(nce)
+    parts = source.split(replace)
+    assert len(parts) > nth + 1, f"{replace!r} occurs {len(parts) - 1} times in nce.py"
+    mutant = replace.join(parts[:nth + 1]) + by + replace.join(parts[nth + 1:])
+    module = types.ModuleType("amdim_kernels._nce_mutant")
+    module.__package__ = "amdim_kernels"
+    exec(compile(mutant, nce.__file__, "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("entry", ["fused_nce_loss", "fused_mixture_nce_loss"])
+def test_dispatch_record_tells_a_reference_run_from_the_kernel(entry):
+    """A breakage after the backend is resolved: "cpp" calls the reference. The record is made
+    where the work is handed over, so it says "reference" (and expect_fused fails); recorded at
+    the resolution, it said "cpp" and every fused-vs-reference comparison compared the reference
+    with itself."""
+    nth = 0 if entry == "fused_nce_loss" else 1
+    broken = _mutant_of_nce('if backend == "reference":', 'if backend in ("reference", "cpp"):', nth)
+    src, trg, pos_idx = make_inputs(6, 5, 3, 4, k=None if nth == 0 else 2, requires_grad=False)
+    with broken.record_dispatch() as ran:
+        getattr(broken, entry)(src, trg, pos_idx)
+    assert [d.backend for d in ran] == ["reference"], ran
+
+
 def test_memory_is_not_n_by_m():
     """The op allocates no N x M buffer: its workspace is fixed per thread (checked via the ATen
     CPU allocator's stats is not possible here, so compare peak RSS growth in a subprocess)."""

@@ -95,6 +95,50 @@ def test_torch_compile_fullgraph(mode):
         torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-6)
 
 
+class TopLevelOps(TorchDispatchMode):
+    """The aten / custom ops a block dispatches itself (not those inside their kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_dispatches_only_the_backward_op():
+    """Autograd of the op calls nce_loss_bwd and nothing else: no zero gradients materialised for
+    the outputs pos, neg_stat and bad that the loss does not use (on a GPU each is a fill launch,
+    three beyond the backward's four; the GPU test counts them with the profiler). With only
+    loss reaching the objective, lgt_reg's zero gradient is the one extra op."""
+    src, trg, pos_idx = make_inputs(9, 7, 5, 11, torch.float32)
+    loss, reg, *_ = nce_loss_op.nce_loss(src, trg, pos_idx, 20.0, 0.05, "nce", True)
+    upstream = (torch.tensor(0.7), torch.tensor(1.3))
+    with TopLevelOps() as seen:
+        torch.autograd.grad((loss, reg), (src, trg), upstream)
+    assert [x for x in seen.ops if x != "detach"] == ["nce_loss_bwd"], seen.ops
+    loss, reg, *_ = nce_loss_op.nce_loss(src, trg, pos_idx, 20.0, 0.05, "nce", True)
+    one = torch.tensor(1.0)
+    with TopLevelOps() as seen:
+        got = torch.autograd.grad(loss, (src, trg), one)
+    assert [x for x in seen.ops if x != "detach"] == ["new_zeros", "nce_loss_bwd"], seen.ops
+    want = reference_loss_and_grads(src, trg, pos_idx, 20.0, 0.05, "nce", w=(1.0, 0.0))[2:]
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-6)
+
+
+def test_the_kept_statistics_are_not_differentiable():
+    """pos and neg_stat are outputs for the backward: a gradient through them would be dropped
+    (the backward takes those of loss and lgt_reg), so differentiating them is an error."""
+    src, trg, pos_idx = make_inputs(5, 4, 3, 6, torch.float32)
+    loss, reg, pos, neg_stat, bad = nce_loss_op.nce_loss(src, trg, pos_idx, 20.0, 0.05, "nce", True)
+    assert loss.requires_grad and reg.requires_grad
+    assert not (pos.requires_grad or neg_stat.requires_grad or bad.requires_grad)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        (pos.sum() + neg_stat.sum()).backward()
+
+
 def test_second_derivative_raises():
     src, trg, pos_idx = make_inputs(5, 4, 3, 6, torch.float64)
     loss = nce_loss_op.nce_loss(src, trg, pos_idx, 20.0, 0.05, "nce", True)[0]

@@ -171,3 +171,75 @@ def test_non_strided_layouts_are_refused_by_name(entry, call, args, name, layout
     convert = LAYOUTS[layout][0]
     with pytest.raises(TypeError, match=rf"^{name} must be a dense \(strided\) tensor, got "):
         call(dict(args, **{name: convert(args[name])}))
+
+
+# ---- pos_idx=None: arange(N), cached -----------------------------------------------------------
+class TopLevelOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def fresh_arange_cache(monkeypatch):
+    from amdim_kernels import _validate
+    monkeypatch.setattr(_validate, "_ARANGE", {})
+    return _validate
+
+
+def test_omitted_pos_idx_is_made_once(fresh_arange_cache):
+    """After the first call with pos_idx=None the loss launches no arange (on a GPU: one launch
+    and ~5 us of host time fewer per call); the cached value is arange(N) itself."""
+    src, trg, _ = make_inputs(7, 7, 3, 5, requires_grad=False)
+    with expect_fused(calls=2):
+        first = ak.fused_nce_loss(src, trg)
+        with TopLevelOps() as seen:
+            again = ak.fused_nce_loss(src, trg)
+    assert "arange" not in seen.ops, seen.ops
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(again, ak.nce_loss_reference(src, trg, torch.arange(7)))
+    (cached,) = fresh_arange_cache._ARANGE.values()
+    assert torch.equal(cached, torch.arange(7)) and not cached.requires_grad
+
+
+def test_cached_pos_idx_is_made_outside_inference_mode(fresh_arange_cache):
+    """A tensor made in inference mode cannot be saved for backward: the cache makes a normal one."""
+    src, trg, _ = make_inputs(6, 6, 3, 5)
+    with torch.inference_mode():
+        ak.fused_nce_loss(src.detach(), trg.detach())
+    with expect_fused():
+        loss, reg = ak.fused_nce_loss(src, trg)
+    got = torch.autograd.grad(loss + reg, (src, trg))
+    want = torch.autograd.grad(sum(ak.nce_loss_reference(src, trg)), (src, trg))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_no_cached_pos_idx_under_fake_tensors_or_compile(fresh_arange_cache):
+    """Under FakeTensorMode a cached tensor would be fake in later real calls; under torch.compile
+    the arange belongs to the graph. Neither fills the cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = fresh_arange_cache.default_pos_idx(5, torch.device("cpu"))
+    real = fresh_arange_cache.default_pos_idx(5, torch.device("cpu"))
+    assert type(fake) is not torch.Tensor and type(real) is torch.Tensor
+    assert torch.equal(real, torch.arange(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda n: fresh_arange_cache.default_pos_idx(n, torch.device("cpu")),
+                             fullgraph=True)
+    assert torch.equal(compiled(9), torch.arange(9))
+    assert [key[0] for key in fresh_arange_cache._ARANGE] == [5]
+
+
+def test_the_cache_stops_at_its_budget(fresh_arange_cache, monkeypatch):
+    """Never freed (a captured CUDA graph may read a cached tensor), so bounded: beyond the budget
+    calls make their own."""
+    monkeypatch.setattr(fresh_arange_cache, "ARANGE_BUDGET", 10)
+    cpu = torch.device("cpu")
+    for n in (4, 5, 3, 4):
+        assert torch.equal(fresh_arange_cache.default_pos_idx(n, cpu), torch.arange(n))
+    assert sorted(key[0] for key in fresh_arange_cache._ARANGE) == [4, 5]
+    assert fresh_arange_cache.default_pos_idx(4, cpu) is fresh_arange_cache._ARANGE[(4, cpu, None)]
