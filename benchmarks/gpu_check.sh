@@ -181,7 +181,8 @@ script, argv = sys.argv[1], sys.argv[2:]
 module = runpy.run_path(script, run_name="gpu_check_dry_run")
 args = module["parse_args"](argv)
 if "build_cases" in module:
-    print(len(module["build_cases"](args.shapes, args.dtype, args.variants, args.modes)), "cases:", argv)
+    cases = module["build_cases"](args.setups, args.dtype, args.variants, args.modes, args.interleave)
+    print(len(cases), "cases:", argv)
 else:
     print("arguments:", vars(args))
 PY
