@@ -23,6 +23,8 @@ from .metrics import METRICS
 
 LOCK = ".lock"
 REPLACED = ".replaced"
+REPLACING = ".replacing"     # set-aside in progress
+RESTORING = ".restoring"     # a marker inside .replaced: the replacing run's files are gone
 TENSORBOARD = "tb"
 RUN_FILES = (CHECKPOINT, METRICS, TENSORBOARD)   # what a run writes; a replacement moves them all
 
@@ -135,16 +137,19 @@ def _move(src_dir: str, dst_dir: str, names) -> None:
 
 def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> None:
     """With `overwrite` (set-up having succeeded), move the earlier run's files into .replaced/ (also
-    when this run resumes from a checkpoint elsewhere; a resume in place keeps its files)."""
+    when this run resumes from a checkpoint elsewhere; a resume in place keeps its files). They are
+    gathered in .replacing/ and that is renamed: .replaced/ exists only once it holds them all."""
     if rank != 0 or not overwrite or resumes_in_place(out, resume):
         return
     if not any(os.path.lexists(os.path.join(out, f)) for f in RUN_FILES):
         return
-    aside = os.path.join(out, REPLACED)
-    if os.path.lexists(aside):
-        shutil.rmtree(aside)
-    os.mkdir(aside)
-    _move(out, aside, RUN_FILES)
+    staging, aside = os.path.join(out, REPLACING), os.path.join(out, REPLACED)
+    for d in (staging, aside):
+        if os.path.lexists(d):
+            shutil.rmtree(d)
+    os.mkdir(staging)
+    _move(out, staging, RUN_FILES)
+    os.replace(staging, aside)
 
 
 def commit(out: str) -> None:
@@ -155,25 +160,40 @@ def commit(out: str) -> None:
 
 
 def restore(out: str) -> bool:
-    """Put a replaced run back (the replacing run wrote no checkpoint): its files replace whatever
-    the replacing run wrote. Returns whether there was one."""
+    """Put a replaced run back (the replacing run wrote no checkpoint): first what the replacing run
+    wrote goes (then a marker says so, for a restore that is itself interrupted), then the replaced
+    files come back, the checkpoint last (a checkpoint in `out` means the move is over). Returns
+    whether there was a replaced run."""
     aside = os.path.join(out, REPLACED)
     if not os.path.isdir(aside):
         return False
-    for name in RUN_FILES:
-        p = os.path.join(out, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        elif os.path.lexists(p):
-            os.remove(p)
-    _move(aside, out, os.listdir(aside))
+    marker = os.path.join(aside, RESTORING)
+    if not os.path.exists(marker):
+        for name in RUN_FILES:
+            _remove(os.path.join(out, name))
+        open(marker, "w").close()
+    names = sorted((n for n in os.listdir(aside) if n != RESTORING), key=lambda n: n == CHECKPOINT)
+    _move(aside, out, names)
+    os.remove(marker)
     os.rmdir(aside)
     return True
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def _finish_interrupted_replacement(out: str) -> None:
-    """A trainer killed while replacing a run left .replaced/: if it wrote no checkpoint, the replaced
-    run comes back; if it did, the replaced run's files go."""
+    """A trainer killed while replacing a run left .replacing/ (it was setting the run aside: the
+    files go back) or .replaced/: if it wrote no checkpoint, the replaced run comes back; if it did,
+    the replaced run's files go."""
+    staging = os.path.join(out, REPLACING)
+    if os.path.isdir(staging):
+        _move(staging, out, os.listdir(staging))
+        os.rmdir(staging)
     if not os.path.isdir(os.path.join(out, REPLACED)):
         return
     if os.path.exists(os.path.join(out, CHECKPOINT)):

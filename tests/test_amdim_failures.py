@@ -158,6 +158,30 @@ def test_a_finished_replacement_removes_the_old_run(one_epoch, tmp_path):
     assert not (out / "tb").exists() and not (out / run_dir.REPLACED).exists()
 
 
+def test_a_set_aside_killed_midway_is_undone_by_the_next_run(one_epoch, tmp_path):
+    out = _copy_run(one_epoch, tmp_path / "run")
+    (out / run_dir.REPLACING).mkdir()                        # killed after moving one of the files
+    os.replace(out / METRICS, out / run_dir.REPLACING / METRICS)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        _run(out, "--epochs", "1", "--steps-per-epoch", "1")
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+    assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACING).exists()
+
+
+def test_a_restore_killed_midway_is_finished_by_the_next_run(one_epoch, tmp_path):
+    """A restore removes what the replacing run wrote, marks that done, then moves the replaced
+    files back (the checkpoint last): killed after moving the metrics back, the next run must not
+    remove them as the replacing run's."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+    run_dir.set_aside(str(out), None, True, 0)
+    (out / run_dir.REPLACED / run_dir.RESTORING).write_text("")
+    os.replace(out / run_dir.REPLACED / METRICS, out / METRICS)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        _run(out, "--epochs", "1", "--steps-per-epoch", "1")
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+    assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACED).exists()
+
+
 # -- metrics.jsonl read on resume ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("line, why", [
