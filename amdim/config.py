@@ -276,6 +276,7 @@ def resolve(given: dict) -> Config:
         o["augment"] = DEFAULT_AUGMENT[method][o["dataset"]]
     if o["lr_milestones"] is None:   # amdim-public's [250, 280] of 300 epochs, scaled to --epochs
         o["lr_milestones"] = tuple(round(o["epochs"] * f) for f in AMDIM_MILESTONE_FRACTIONS)
+    _check_optimiser(o)
     if method == "dim":
         _resolve_dim(o)
     else:
@@ -301,6 +302,24 @@ def _resolve_amdim(o: dict) -> None:
     if o["n_mix"] > 1 and not any(c[0] == "1" for c in o["costs"]):
         raise ValueError(f"--n-mix {o['n_mix']} mixes the global feature, but --costs "
                          f"{','.join(o['costs'])} has no 1->5 or 1->7 cost")
+
+
+F32_MAX = 3.4028234663852886e38   # torch.finfo(torch.float32).max
+
+
+def _check_optimiser(o: dict) -> None:
+    """Adam turns the rate into float32 scalars (lr / (1 - beta1^t) at its largest in the first
+    update) and the weight decay into one: a value beyond float32 would stop the first step with an
+    overflow, so it is refused here."""
+    peak = o["lr"] * max(1.0, o["lr_decay"]) ** len(o["lr_milestones"])
+    step = peak / (1.0 - o["betas"][0])
+    if not step <= F32_MAX:
+        what = (f"--lr {o['lr']:g} with --lr-decay {o['lr_decay']:g} at {len(o['lr_milestones'])} milestone(s)"
+                if peak > o["lr"] else f"--lr {o['lr']:g}")
+        raise ValueError(f"{what} gives Adam a first step of {step:.3g} (lr / (1 - beta1)), beyond float32's "
+                         f"{F32_MAX:.3g}: pass a smaller value")
+    if not o["weight_decay"] <= F32_MAX:
+        raise ValueError(f"--weight-decay {o['weight_decay']:g} is beyond float32's {F32_MAX:.3g}")
 
 
 def _check_loss_options(o: dict) -> None:

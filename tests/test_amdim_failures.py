@@ -115,6 +115,9 @@ def test_append_line_cuts_a_failed_write_back(tmp_path, monkeypatch):
     (["--reg-weight", "1e39"], "--reg-weight 1e.39: reg_weight must be a finite float"),
     (["--n-mix", "2", "--mix-tau", "1e-9"], "--mix-tau 1e-09: tau must be a float in"),
     (["--n-mix", "2", "--mix-alpha", "1e7"], "--mix-alpha 10000000.0: alpha must be a float in"),
+    (["--lr", "1e300", "--warmup-steps", "0"], "--lr 1e.300 gives Adam a first step of 5e.300"),
+    (["--lr-decay", "1e300", "--lr-milestones", "1"], "--lr 0.0002 with --lr-decay 1e.300 at 1 milestone"),
+    (["--weight-decay", "1e300"], "--weight-decay 1e.300 is beyond float32"),
 ])
 def test_overwrite_with_an_option_the_loss_rejects_keeps_the_old_run(one_epoch, tmp_path, bad, message):
     out = _copy_run(one_epoch, tmp_path / "run")
