@@ -29,20 +29,21 @@ def _backend(loss_backend):
 def nce_fn(loss_backend: str, tclip: float | None, reg_weight: float, estimator: str = "nce"):
     """Return f(src, trg, pos_idx) -> (loss, lgt_reg) through the public API of amdim_kernels:
     "reference" is the plain PyTorch loss, "fused" the kernels chosen for the tensors' device.
-    estimator: "nce" (AMDIM), or DIM's "jsd" / "dv" bounds over the same positive/negative pairs."""
+    estimator: "nce" (AMDIM), or DIM's "jsd" / "dv" bounds over the same positive/negative pairs.
+    The options are checked here (amdim_kernels.NCELoss checks them when built), not at the first call."""
     backend = _backend(loss_backend)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    return lambda s, t, p: ak.fused_nce_loss(s, t, p, tclip=tclip, reg_weight=reg_weight,
-                                             estimator=estimator, backend=backend)
+    return ak.NCELoss(tclip=tclip, reg_weight=reg_weight, estimator=estimator, backend=backend)
 
 
 def mixture_fn(loss_backend: str, tclip: float | None, reg_weight: float, tau: float = 1.0,
                alpha: float | None = None, detach_q: bool = True):
-    """Return f(src_mix (N, k, D), trg, pos_idx) -> (loss, lgt_reg): the mixture NCE loss."""
+    """Return f(src_mix (N, k, D), trg, pos_idx) -> (loss, lgt_reg): the mixture NCE loss (options
+    checked here, by amdim_kernels.MixtureNCELoss)."""
     backend = _backend(loss_backend)
-    return lambda s, t, p: ak.fused_mixture_nce_loss(s, t, p, tau=tau, alpha=alpha, detach_q=detach_q,
-                                                     tclip=tclip, reg_weight=reg_weight, backend=backend)
+    return ak.MixtureNCELoss(tau=tau, alpha=alpha, detach_q=detach_q, tclip=tclip, reg_weight=reg_weight,
+                             backend=backend)
 
 
 def parse_costs(spec: str) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ command lines turn those into exit messages.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -88,18 +89,61 @@ def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 # ----------------------------------------------------------------------------------------------
 # save and load
 
+class _Writer:
+    """The file object torch.save writes through, keeping the OSError of a failed write: torch's
+    zip writer reports any failed write as a RuntimeError ("unexpected pos ...") that hides it."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save(path: str, payload: dict) -> None:
-    """Write payload plus its checksum to a temporary file, then rename it over `path`: a crash or
-    kill mid-write never leaves a broken checkpoint, only the previous one."""
+    """Write payload plus its checksum to a temporary file, flush it to the disk, then rename it over
+    `path`: a crash, kill or full disk mid-write never leaves a broken checkpoint, only the previous
+    one. Any failure to write raises OSError (a full disk is ENOSPC or EFBIG)."""
     state = {"format": FORMAT, "version": VERSION, **payload}
     state["sha256"] = payload_sha256(state)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            writer = _Writer(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError as e:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0]}") from None
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_dir(d: str) -> None:
+    """Make a rename in directory d durable (where the platform allows opening directories)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(out_dir: str) -> list[str]:
@@ -155,6 +199,7 @@ def load(path: str, what: str = "checkpoint") -> dict:
         raise ValueError(f"{what} {path!r} is corrupted: its checksum does not match its contents "
                          f"(the file was modified or damaged after it was written). Use an earlier "
                          f"copy, or train again.")
+    ck["sha256"] = stored
     return ck
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .amdim_objective import ESTIMATORS, LOSS_BACKENDS  # noqa: F401  (the parser's choices)
 
 METHODS = ("amdim", "dim")
+SEED_MAX = 2**32 - 1   # np.random.seed's largest; torch and Python take it too
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ def all_options() -> set[str]:
     return method_options("amdim") | method_options("dim")
 
 
+# --use-bn / --no-use-bn; the other booleans are store_true flags
+BOOLEAN_OPTIONAL = ("use_bn", "dense")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -257,6 +262,9 @@ def resolve(given: dict) -> Config:
                     layer.setdefault(k, v)
     o = {k: v for layer in layers for k, v in layer.items()}
     o["method"], o["recipe"] = method, name
+    seed = o["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an integer in [0, {SEED_MAX}] (numpy's seed range), got {seed!r}")
     if o["out_dir"] is None:
         o["out_dir"] = os.path.join("runs", method)
     if o["data_path"] is not None:   # stored absolute: amdim.evaluate may run from another directory
@@ -268,6 +276,7 @@ def resolve(given: dict) -> Config:
         o["augment"] = DEFAULT_AUGMENT[method][o["dataset"]]
     if o["lr_milestones"] is None:   # amdim-public's [250, 280] of 300 epochs, scaled to --epochs
         o["lr_milestones"] = tuple(round(o["epochs"] * f) for f in AMDIM_MILESTONE_FRACTIONS)
+    _check_optimiser(o)
     if method == "dim":
         _resolve_dim(o)
     else:
@@ -286,12 +295,80 @@ def _ordered(names) -> list[str]:
 
 
 def _resolve_amdim(o: dict) -> None:
+    _check_loss_options(o)
     if o["n_mix"] > 1 and o["estimator"] != "nce":
         raise ValueError(f"--n-mix {o['n_mix']} needs --estimator nce (the mixture loss is defined for "
                          f"NCE), got --estimator {o['estimator']}")
     if o["n_mix"] > 1 and not any(c[0] == "1" for c in o["costs"]):
         raise ValueError(f"--n-mix {o['n_mix']} mixes the global feature, but --costs "
                          f"{','.join(o['costs'])} has no 1->5 or 1->7 cost")
+
+
+F32_MAX = 3.4028234663852886e38   # torch.finfo(torch.float32).max
+
+
+def _check_optimiser(o: dict) -> None:
+    """Adam turns the rate into float32 scalars (lr / (1 - beta1^t) at its largest in the first
+    update) and the weight decay into one: a value beyond float32 would stop the first step with an
+    overflow, so it is refused here."""
+    peak = o["lr"] * max(1.0, o["lr_decay"]) ** len(o["lr_milestones"])
+    step = peak / (1.0 - o["betas"][0])
+    if not step <= F32_MAX:
+        what = (f"--lr {o['lr']:g} with --lr-decay {o['lr_decay']:g} at {len(o['lr_milestones'])} milestone(s)"
+                if peak > o["lr"] else f"--lr {o['lr']:g}")
+        raise ValueError(f"{what} gives Adam a first step of {step:.3g} (lr / (1 - beta1)), beyond float32's "
+                         f"{F32_MAX:.3g}: pass a smaller value")
+    if not o["weight_decay"] <= F32_MAX:
+        raise ValueError(f"--weight-decay {o['weight_decay']:g} is beyond float32's {F32_MAX:.3g}")
+
+
+def _check_loss_options(o: dict) -> None:
+    """The loss's own checks of the values it takes (amdim_kernels' modules validate their options
+    when built), here, before any run directory is touched, and named by option."""
+    import amdim_kernels as ak
+    checks = [("tclip", lambda: ak.NCELoss(tclip=o["tclip"], reg_weight=0.0)),
+              ("reg_weight", lambda: ak.NCELoss(tclip=None, reg_weight=o["reg_weight"]))]
+    if o["n_mix"] > 1:
+        checks += [("mix_tau", lambda: ak.MixtureNCELoss(tau=o["mix_tau"], alpha=0.0)),
+                   ("mix_alpha", lambda: ak.MixtureNCELoss(tau=o["mix_tau"], alpha=o["mix_alpha"]))]
+    for name, build in checks:
+        try:
+            build()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{flag(name)} {o[name]!r}: {e}") from None
+
+
+def argv(options: dict, skip=()) -> list[str]:
+    """Command-line arguments that resolve to `options` (Config.options()) again: the method, the
+    recipe, and each option whose value differs from what the arguments so far resolve to (so a
+    printed command holds what matters, not every default). `skip`: option names left out."""
+    given = {"method": options["method"]}
+    if options.get("recipe"):
+        given["recipe"] = options["recipe"]
+    names = [n for n in _ordered(method_options(options["method"])) if n in options and n not in skip]
+    for _ in range(len(names) + 1):
+        try:
+            now = resolve(given).options()
+        except ValueError:   # an intermediate combination that does not resolve: give the rest
+            now = {}
+        differ = [n for n in names if n not in given and now.get(n) != options[n]]
+        if not differ:
+            break
+        given[differ[0]] = options[differ[0]]
+    out = ["--method", given.pop("method")]
+    for name, v in given.items():
+        out += _flag_args(name, v)
+    return out
+
+
+def _flag_args(name: str, v) -> list[str]:
+    if isinstance(v, bool):
+        if name in BOOLEAN_OPTIONAL:
+            return [flag(name) if v else "--no-" + name.replace("_", "-")]
+        return [flag(name)] if v else []
+    if v is None:
+        return []
+    return [flag(name), _show(v)]
 
 
 def _resolve_dim(o: dict) -> None:

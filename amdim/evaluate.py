@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
+from .config import SEED_MAX
 from .data import augment, datasets as data
 from .distributed import pick_device
 
@@ -105,6 +106,8 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
     FileNotFoundError naming the checkpoint or option at fault."""
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an integer in [0, {SEED_MAX}], got {seed!r}")
     ck = checkpoint.load(checkpoint_path, "--checkpoint")
     a, arch = ck["args"], ck.get("arch")
     if not isinstance(a, dict) or not isinstance(arch, dict) or "n_classes" not in ck:
@@ -131,9 +134,11 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
         if bad:
             raise ValueError(f"--checkpoint {checkpoint_path!r} gives non-finite {', '.join(bad)} features "
                              f"(its weights diverged): nothing to probe")
-    names = list(tr) if layers is None else [n for n in layers if n in tr]
-    if not names:
-        raise ValueError(f"layers {layers!r} match none of this model's representations {list(tr)}")
+    unknown = [n for n in layers or () if n not in tr]
+    if unknown:
+        raise ValueError(f"--layer {', '.join(map(repr, unknown))}: not a representation of this model "
+                         f"(its are {', '.join(tr)})")
+    names = list(tr) if layers is None else list(dict.fromkeys(layers))
     train_y, test_y = torch.from_numpy(labeled.labels), torch.from_numpy(ds.test.labels)
     results = {}
     for name in names:
@@ -145,34 +150,85 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
             **first, "layers": results}
 
 
-def main(argv=None):
+def check_json_path(path: str, checkpoint_path: str) -> None:
+    """--json is checked before the probe: a path that cannot take the result fails now, not after it,
+    and the checkpoint itself is never overwritten."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"--json {path!r} is a directory: name a file")
+    if not os.path.isdir(os.path.dirname(full)):
+        raise ValueError(f"--json {path!r}: its directory does not exist")
+    if os.path.exists(full) and os.path.exists(checkpoint_path) and os.path.samefile(full, checkpoint_path):
+        raise ValueError(f"--json {path!r} is the checkpoint itself: name another file")
+    if os.path.exists(full) and not os.access(full, os.W_OK):
+        raise ValueError(f"--json {path!r} exists and is not writable")
+    if not os.access(os.path.dirname(full), os.W_OK):
+        raise ValueError(f"--json {path!r}: its directory is not writable")
+
+
+def write_json(path: str, text: str) -> None:
+    """Write atomically: a temporary file beside it, renamed over it (never a half-written result)."""
+    full = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, full)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m amdim.evaluate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by amdim.train")
     p.add_argument("--features", choices=FEATURES, default="trained",
-                   help="trained encoder, the same architecture randomly initialised, or raw pixels")
+                   help="trained encoder, the same architecture randomly initialised, or raw pixels "
+                        "(default: trained)")
     p.add_argument("--layer", action="append", default=None,
-                   help="probe only this representation (repeatable; AMDIM: r1; DIM: conv, fc, y); "
-                        "default: all")
-    p.add_argument("--data-path", default=None, help="override the dataset path stored in the checkpoint")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --features random")
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    args = p.parse_args(argv)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise SystemExit(f"error: --json {args.json!r}: its directory does not exist")
+                   help="probe only this representation (repeatable; AMDIM: r1; DIM: conv, fc, y) "
+                        "(default: all of them)")
+    p.add_argument("--data-path", default=None,
+                   help="the dataset's directory (default: the one stored in the checkpoint)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--seed", type=_seed, default=0, help="initialisation seed for --features random (default: 0)")
+    p.add_argument("--json", default=None, help="also write the result to this file (written atomically)")
+    return p
+
+
+def _seed(s):
     try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {s!r}")
+    return v
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.json:
+            check_json_path(args.json, args.checkpoint)
         result = evaluate(args.checkpoint, args.features, args.data_path, args.device, args.seed, args.layer)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    print(text, flush=True)
     for name, r in result["layers"].items():
         print(f"linear probe ({args.features}, {name}): test top-1 = {r['test_top1']:.4f} "
               f"(closed-form ridge on frozen features, not the online classifiers)", file=sys.stderr)
+    if args.json:
+        try:
+            write_json(args.json, text + "\n")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write --json {args.json!r} ({e.strerror or e}); the result "
+                             f"is printed above") from None
 
 
 if __name__ == "__main__":

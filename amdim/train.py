@@ -16,8 +16,10 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,16 +27,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, optim, run_dir
+from . import agreement, checkpoint, optim, run_dir
 from .amdim_model import ENCODER_SIZES
 from .amdim_objective import COSTS, parse_costs
-from .config import DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, Config, default_text, resolve
+from .config import (DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, SEED_MAX, Config, argv as config_argv,
+                     default_text, resolve)
 from .data import augment, datasets as data
 from .distributed import agree, convert_batchnorm, init_distributed, pick_device
 from .evaluate import image_batches
 from .methods import make_step
 from .recipes import RECIPES
-from .metrics import METRICS, MetricsLog, Progress, epoch_line
+from .metrics import METRICS, MetricsLog, Progress, epoch_line, parse_records
 
 EXIT_NON_FINITE = 3
 EXIT_IO = 4
@@ -65,6 +68,16 @@ def nonneg_float(s):
     v = float(s)
     if not (v >= 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def seed_arg(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {s!r}")
     return v
 
 
@@ -105,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(group, name, help, **kw):
-        d = "" if "default:" in help else default_text(name.lstrip("-").replace("-", "_"))
+        flag_only = kw.get("action") == "store_true"   # off unless given: no default to name
+        d = "" if "default:" in help or flag_only else default_text(name.lstrip("-").replace("-", "_"))
         group.add_argument(name, default=None, help=f"{help} ({d})" if d else help, **kw)
 
     add(p, "--method", "amdim: Augmented Multiscale DIM; dim: Deep InfoMax (global/local MI, prior matching)",
@@ -173,14 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "none for dim)", type=milestones_arg)
     add(g, "--lr-decay", "factor of each learning-rate decay", type=positive_float)
     g = p.add_argument_group("runtime")
-    add(g, "--seed", "seeds initialisation, data order, augmentation and sampling", type=int)
+    add(g, "--seed", "seeds initialisation, data order, augmentation and sampling", type=seed_arg)
     add(g, "--device", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    add(g, "--amp", "mixed precision on CUDA (auto: bf16 where supported); CPU runs in fp32",
+    add(g, "--amp", "mixed precision: auto is bf16 autocast on CUDA where supported (else fp16 with a "
+                    "gradient scaler) and fp32 on the CPU; bf16 also runs on the CPU; fp16 needs CUDA",
         choices=("auto", "none", "bf16", "fp16"))
     add(g, "--out-dir", "checkpoint, metrics.jsonl and TensorBoard logs (default: runs/<method>)")
-    add(g, "--resume", "continue exactly from this checkpoint (same later losses as an uninterrupted run)",
+    add(g, "--resume", "continue exactly from this checkpoint (same later losses as an uninterrupted run; "
+                       "give the run's options, as the command printed when it stopped does)",
         metavar="CHECKPOINT")
-    add(g, "--overwrite", "replace the run already in --out-dir (without it such a run is refused)",
+    add(g, "--overwrite", "replace the run already in --out-dir (without it such a run is refused); the "
+                          "replaced run is kept until this one has written its first checkpoint",
         action="store_true")
     add(g, "--log-every", "steps between metric lines", type=positive_int)
     add(g, "--no-eval", "skip the per-epoch test accuracy of the online classifiers", action="store_true")
@@ -205,8 +222,14 @@ class Stop(Exception):
 
 
 def amp_dtype(spec: str, device: torch.device):
-    if device.type != "cuda" or spec == "none":
+    """The autocast dtype of --amp on `device` (None: fp32); ValueError for fp16 on the CPU."""
+    if spec == "none":
         return None
+    if device.type != "cuda":
+        if spec == "fp16":
+            raise ValueError("--amp fp16 needs CUDA (its gradient scaler is CUDA's); on the CPU use "
+                             "--amp bf16 or --amp none")
+        return torch.bfloat16 if spec == "bf16" else None   # auto: fp32, bf16 is slow on most CPUs
     if spec == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if spec == "bf16" else torch.float16
@@ -222,6 +245,35 @@ def seed_all(seed: int):
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """Data order of an epoch: a function of (seed, epoch) only, identical on every rank."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def command(options: dict, out_dir: str, resume: str | None = None, epochs: int | None = None) -> str:
+    """The shell-quoted command line of a run with these options (amdim.config.Config.options()),
+    absolute paths, resuming from `resume` (and training to `epochs`) when given."""
+    args = config_argv(options, skip=("out_dir", "resume", "overwrite"))
+    if epochs is not None:   # the run's own command with another --epochs (a default schedule follows it)
+        if "--epochs" in args:
+            i = args.index("--epochs")
+            del args[i:i + 2]
+        args += ["--epochs", str(epochs)]
+    args += ["--out-dir", os.path.abspath(out_dir)]
+    if resume:
+        args += ["--resume", os.path.abspath(resume)]
+    return shlex.join(["python", "-m", "amdim.train", *args])
+
+
+def continue_hint(ck_path: str) -> str:
+    """How to continue the run whose checkpoint is ck_path: the command that does it."""
+    try:
+        ck = checkpoint.load(ck_path)
+        options, done, step = ck["args"], ck["epoch"], ck["step"]
+    except (ValueError, OSError):
+        return f"pass --resume {shlex.quote(os.path.abspath(ck_path))} with that run's options to continue it"
+    out = os.path.dirname(ck_path)
+    if done < options["epochs"] or step:
+        return f"continue it with: {command(options, out, ck_path)}"
+    return (f"it has trained its {done} epoch(s); to train further: "
+            f"{command(options, out, ck_path, epochs=2 * done)} (any --epochs above {done})")
 
 
 @dataclass
@@ -243,39 +295,72 @@ class Run:
     arch: dict
     ck_path: str
     log: MetricsLog
+    data_fingerprint: str
     start_epoch: int = 0
     start_step: int = 0
+    resumed: dict | None = None      # the checkpoint resumed from (until `begin` has used it)
+    saved: bool = False              # this run has written a checkpoint
+
+    def kept(self) -> str:
+        return (f"the last good checkpoint is kept: {self.ck_path}" if os.path.exists(self.ck_path)
+                else "no checkpoint was written")
+
+    def next_command(self) -> str:
+        """What to run next after a stop: continue from the checkpoint, or (none written) start again."""
+        cfg = self.cfg
+        if os.path.exists(self.ck_path):
+            return f"continue with: {command(cfg.options(), cfg.run.out_dir, self.ck_path)}"
+        return f"run it again with: {command(cfg.options(), cfg.run.out_dir, cfg.run.resume)} --overwrite"
 
     def check_weights(self, epoch, step):
         """Stop if the weights are not finite (on every rank: DDP keeps them equal), so that a
         diverged model is never evaluated as if it were fine nor replaces the last good checkpoint."""
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            kept = (f"the last good checkpoint is kept: {self.ck_path}" if os.path.exists(self.ck_path)
-                    else "no checkpoint was written")
             raise Stop(EXIT_NON_FINITE, f"the weights became non-finite ({epoch} epoch(s) and "
-                                        f"{step} step(s) in): training stopped, {kept}. "
+                                        f"{step} step(s) in): training stopped, {self.kept()}. "
                                         f"Try a lower --lr, or --amp none.")
 
+    def rank0_io(self, write, what: str) -> None:
+        """Run rank 0's `write` (the others wait); if it fails (a full disk: OSError), every rank
+        stops with EXIT_IO and the last good checkpoint stays as it was."""
+        error = None
+        if self.rank == 0:
+            try:
+                write()
+            except OSError as e:
+                error = e
+        if agree(error is not None, self.device):
+            why = (f"cannot write {what} ({error.strerror or error})" if error is not None
+                   else "rank 0 could not write its files (see its message)")
+            raise Stop(EXIT_IO, f"{why}: training stopped, {self.kept()}. Free some space (or fix the "
+                                f"directory), then {self.next_command()}")
+
     def save(self, epoch, step):
-        """Write the checkpoint (rank 0) after checking the weights (every rank)."""
+        """Write the checkpoint (rank 0) after checking the weights (every rank). The first one
+        ends a replacement (--overwrite): the replaced run's files go."""
         self.check_weights(epoch, step)
-        if self.rank != 0:
-            return
-        try:
+
+        def write():
             checkpoint.save(self.ck_path, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": checkpoint.rng_state(self.aug_gen), "epoch": epoch, "step": step,
-                "global_step": epoch * self.steps + step, "training": continuation_options(self.cfg, self.steps),
+                "global_step": epoch * self.steps + step,
+                "training": continuation_options(self.cfg, self.steps, self.data_fingerprint),
                 "args": self.cfg.options(), "arch": self.arch, "n_classes": self.ds.n_classes})
-        except OSError as e:
-            raise Stop(EXIT_IO, f"cannot write the checkpoint {self.ck_path} ({e.strerror or e}); "
-                                f"the last good checkpoint, if any, is kept") from None
+            if not self.saved:
+                run_dir.commit(self.cfg.run.out_dir)
+        self.rank0_io(write, f"the checkpoint {self.ck_path}")
+        self.saved = True
+
+    def log_record(self, record: dict, step: int) -> None:
+        self.rank0_io(lambda: self.log.write(record, step), f"the metrics file {self.log.path}")
 
 
 def setup(cfg: Config, rank, world, local_rank) -> Run:
-    """Device, out dir, data, model, optimiser and resumed state for a resolved config. Raises
-    ValueError / FileNotFoundError with a message naming the option at fault."""
+    """Device, out dir, data, model, optimiser and resumed state for a resolved config: every check
+    this rank can make, and nothing that changes a file but the lock and leftovers of killed saves.
+    Raises ValueError / OSError with a message naming the option at fault."""
     opt, run_cfg = cfg.optim, cfg.run
     if opt.batch_size % world:
         raise ValueError(f"--batch-size {opt.batch_size} must be divisible by the number of "
@@ -284,10 +369,11 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
         raise ValueError(f"--batch-size {opt.batch_size} gives {opt.batch_size // world} image(s) per "
                          f"process: batch norm and the contrastive negatives need at least 2")
     device = pick_device(run_cfg.device, local_rank)
+    amp = amp_dtype(run_cfg.amp, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ck = checkpoint.load(run_cfg.resume, "--resume") if run_cfg.resume else None
-    ck_path = run_dir.prepare(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite, rank)
+    ck_path = run_dir.prepare(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite, rank, continue_hint)
     ds = data.load(cfg.data.dataset, cfg.data.data_path, cfg.data.image_size)
     n_train = len(ds.train)
     steps = n_train // opt.batch_size
@@ -307,27 +393,42 @@ def setup(cfg: Config, rank, world, local_rank) -> Run:
         pix = pix.transpose(0, 1).reshape(3, -1)
         model.normalize.set_stats(pix.mean(1), pix.std(1))
     optimizer = optim.build(model.parameters(), opt)
-    amp = amp_dtype(run_cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     run = Run(cfg, rank, world, device, amp, ds, steps, model, model, optimizer, scaler,
-              make_step(cfg), aug_gen, arch, ck_path, MetricsLog(run_cfg.out_dir, rank == 0))
+              make_step(cfg), aug_gen, arch, ck_path, MetricsLog(run_cfg.out_dir, False),
+              data.fingerprint(ds))
     if ck is not None:
         _restore(run, ck)
-    run_dir.clear_replaced(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite, rank)
-    if world > 1:
-        # BatchNorm over the global batch, so K processes match one process exactly
-        convert_batchnorm(model)
-        run.train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
 
 
-def continuation_options(cfg: Config, steps: int) -> dict:
+def begin(run: Run) -> None:
+    """After every rank has set up (and agreed): the files of the run (rank 0), then DDP. Rank 0
+    sets a replaced run aside (--overwrite) and opens the metrics, cut back to a resumed position."""
+    cfg = run.cfg.run
+    if run.rank == 0:
+        run_dir.set_aside(cfg.out_dir, cfg.resume, cfg.overwrite, run.rank)
+        run.log = MetricsLog(cfg.out_dir, True)
+        if run.resumed is not None and run_dir.resumes_in_place(cfg.out_dir, cfg.resume):
+            # records written after this checkpoint (the run was killed before its next save) are redone
+            run.log.truncate_after(run.resumed["global_step"])
+    run.resumed = None
+
+
+def wrap_ddp(run: Run) -> None:
+    if run.world > 1:
+        # BatchNorm over the global batch, so K processes match one process exactly
+        convert_batchnorm(run.model)
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def continuation_options(cfg: Config, steps: int, data_fingerprint: str) -> dict:
     """The options besides the architecture that an exact continuation must keep: the objective
-    (its kernels' backend aside), the augmentation, the batch and the data order. (The optimiser's
-    settings and schedule, the epochs and the runtime options may change.)"""
+    (its kernels' backend aside), the augmentation, the batch, the data order and the data. (The
+    optimiser's settings and schedule, the epochs and the runtime options may change.)"""
     keep = {"batch_size": cfg.optim.batch_size, "steps_per_epoch": steps, "seed": cfg.run.seed,
-            "augment": cfg.data.augment}
+            "augment": cfg.data.augment, "data": data_fingerprint}
     objective = {f.name for f in dataclasses.fields(cfg.objective)} - {"loss_backend"}
     keep.update({k: v for k, v in cfg.options().items() if k in objective})
     return keep
@@ -337,9 +438,18 @@ def _restore(run: Run, ck: dict) -> None:
     resume = run.cfg.run.resume
     what = f"--resume {resume!r}"
     checkpoint.check_architecture(ck.get("arch") or {}, run.arch, what)
+    if ck.get("n_classes") != run.ds.n_classes:
+        raise ValueError(f"{what} was trained on {ck.get('n_classes')} classes, but --dataset "
+                         f"{run.cfg.data.dataset} now has {run.ds.n_classes}"
+                         + (" (its --data-path gained or lost class subfolders)" if run.cfg.data.dataset == "folder"
+                            else "") + ": it cannot continue; start a new run with another --out-dir")
     saved = ck.get("training") or {}
+    current = continuation_options(run.cfg, run.steps, run.data_fingerprint)
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {v!r}"
-              for k, v in continuation_options(run.cfg, run.steps).items() if saved.get(k) != v]
+              for k, v in current.items() if k != "data" and saved.get(k) != v]
+    if "data" in saved and saved["data"] != current["data"]:   # (absent in files written before it was stored)
+        differ.append(f"the training data of --dataset {run.cfg.data.dataset} (--data-path "
+                      f"{run.cfg.data.data_path!r}) differ from the checkpoint's")
     if differ:
         raise ValueError(f"{what} cannot continue exactly with other training options: "
                          + "; ".join(differ) + " (only the optimiser's settings and schedule, --epochs and "
@@ -352,10 +462,14 @@ def _restore(run: Run, ck: dict) -> None:
         run.scaler.load_state_dict(ck["scaler"])
     checkpoint.set_rng_state(ck["rng"], run.aug_gen)
     run.start_epoch, run.start_step = ck["epoch"], ck["step"]
+    run.resumed = {"global_step": ck["global_step"], "sha256": ck["sha256"]}
     out = run.cfg.run.out_dir
-    if run.rank == 0 and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
-        # records written after this checkpoint (the run was killed before its next save) are redone
-        run.log.truncate_after(ck["global_step"])
+    if run.rank == 0 and run_dir.resumes_in_place(out, resume):
+        # the metrics are checked now, before anything is written (begin() cuts them back)
+        path = os.path.join(out, METRICS)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                parse_records(f.read(), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,8 +493,8 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
     rank, world, device = run.rank, run.world, run.device
     local_b = opt.batch_size // world
     order = epoch_order(run_cfg.seed, epoch, len(run.ds.train))
-    bar = Progress(run.steps, f"epoch {epoch + 1}/{opt.epochs}", rank == 0 and not run_cfg.no_progress,
-                   run_cfg.log_every, first)
+    bar = Progress(run.steps, f"epoch {epoch + 1}/{opt.epochs}", rank == 0, run_cfg.log_every, first,
+                   plain=run_cfg.no_progress)
     t0, seen = time.perf_counter(), 0
     sums = {}   # scalar name -> sum over this epoch's steps (for the epoch means)
     global_step = epoch * run.steps + first
@@ -388,10 +502,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
     for step in range(first, run.steps):
         if agree(stop_signal["sig"] is not None, device):
             run.save(epoch, step)
-            sig = stop_signal["sig"] or signal.SIGTERM
-            raise Stop(128 + int(sig), f"stopped by signal {signal.Signals(sig).name}; saved "
-                                       f"{run.ck_path} (epoch {epoch + 1}, step {step}); continue with "
-                                       f"--resume {run.ck_path}")
+            raise _signal_stop(run, stop_signal, f"epoch {epoch + 1}, step {step}", finished=False)
         lo = step * opt.batch_size + rank * local_b
         images, labels = run.ds.train.batch(order[lo:lo + local_b])
         labels = labels.to(device)
@@ -404,9 +515,7 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
         if agree(not finite, device):
             raise Stop(EXIT_NON_FINITE,
                        f"non-finite loss or features at epoch {epoch + 1}, step {step}: training "
-                       f"stopped. " + (f"The last good checkpoint is kept: {run.ck_path}."
-                                       if os.path.exists(run.ck_path) else "No checkpoint was written yet.")
-                       + " Try a lower --lr, or --amp none.")
+                       f"stopped, {run.kept()}. Try a lower --lr, or --amp none.")
         run.optimizer.zero_grad(set_to_none=True)
         lr = optim.set_lr(run.optimizer, opt, global_step, epoch)
         if run.scaler is not None:
@@ -429,8 +538,8 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
         ips = seen / (time.perf_counter() - t0)
         bar.update(1, {"loss": scalars["loss"], "img/s": ips})
         if step % run_cfg.log_every == 0 or step == run.steps - 1:
-            run.log.write({"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
-                           "images_per_s": ips, "lr": lr, **scalars}, global_step)
+            run.log_record({"kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
+                            "images_per_s": ips, "lr": lr, **scalars}, global_step)
     bar.close()
     run.check_weights(epoch + 1, 0)
     n_steps = run.steps - first
@@ -446,31 +555,67 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
     return rec
 
 
+def _signal_stop(run: Run, stop_signal: dict, where: str, finished: bool) -> Stop:
+    sig = stop_signal["sig"] or signal.SIGTERM   # (another rank's signal)
+    then = "the run is complete" if finished else run.next_command()
+    return Stop(128 + int(sig), f"stopped by signal {signal.Signals(sig).name}; saved {run.ck_path} "
+                                f"({where}); {then}")
+
+
 def train(run: Run) -> dict:
-    """The epochs from the resumed position on; a checkpoint after each; signals stop at a step."""
+    """The epochs from the resumed position on; a checkpoint after each; signals stop at a step
+    boundary or after an epoch's checkpoint (the last one's too: the run then ends with the signal's
+    exit code, its checkpoint complete)."""
     summary = {"losses": [], "epochs": [], "checkpoint": run.ck_path}
     stop_signal = {"sig": None}
 
     def on_signal(sig, frame):
         stop_signal["sig"] = sig
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    else:   # Python delivers signals to the main thread only; whoever runs it there handles them
+        old_handlers = {}
+        if run.rank == 0:
+            print("amdim.train: running outside the main thread: SIGINT / SIGTERM are not caught (the "
+                  "checkpoint after each epoch is the resume point)", file=sys.stderr, flush=True)
     try:
         for epoch in range(run.start_epoch, run.cfg.optim.epochs):
             first = run.start_step if epoch == run.start_epoch else 0
             rec = train_one_epoch(run, epoch, first, stop_signal, summary)
-            try:
-                run.log.write(rec, rec["global_step"])
-            except OSError as e:
-                raise Stop(EXIT_IO, f"cannot write {run.log.path} ({e.strerror or e}); the last good "
-                                    f"checkpoint is kept: {run.ck_path}") from None
+            run.log_record(rec, rec["global_step"])
             summary["epochs"].append(rec)
             if run.rank == 0:
                 print(epoch_line(rec, run.cfg.optim.epochs, run.cfg.method), flush=True)
             run.save(epoch + 1, 0)
+            if agree(stop_signal["sig"] is not None, run.device):
+                raise _signal_stop(run, stop_signal, f"after epoch {epoch + 1}",
+                                   finished=epoch + 1 == run.cfg.optim.epochs)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return summary
+
+
+def _collective(where: torch.device, fn):
+    """fn() on every rank; if it raises ValueError or OSError on any rank, every rank exits with
+    `SystemExit("error: ...")` (a rank failing alone would leave its peers waiting forever)."""
+    failed, result = None, None
+    try:
+        result = fn()
+    except OSError as e:
+        failed = ValueError(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+    except ValueError as e:
+        failed = e
+    if agree(failed is not None, where):
+        raise SystemExit(f"error: {failed}" if failed is not None
+                         else "error: another process failed to set up (see its message)")
+    return result
+
+
+def _same_everywhere(values: dict, world: int, what: str) -> None:
+    differ = agreement.differences(values, world)
+    if differ:
+        raise ValueError(f"the {world} processes must {what}, but they differ in: " + "; ".join(differ))
 
 
 def run(args) -> dict:
@@ -478,34 +623,41 @@ def run(args) -> dict:
     `args`: a namespace of build_parser() (None = not given), or a resolved amdim.config.Config."""
     rank, world, local_rank = init_distributed()
     cfg, out_dir = None, None
+    # collectives of the set-up run here: CUDA when NCCL is the backend, else the CPU (gloo)
+    where = torch.device(f"cuda:{local_rank}") if world > 1 and torch.cuda.is_available() else torch.device("cpu")
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     try:
-        failed = None
-        try:
-            cfg = args if isinstance(args, Config) else resolve(given_options(args))
-            out_dir = cfg.run.out_dir
-            if rank == 0:
-                print(cfg.describe(), file=sys.stderr, flush=True)
-            r = setup(cfg, rank, world, local_rank)
-        except (ValueError, FileNotFoundError) as e:
-            failed = e
-        # set-up errors are collective: a rank that failed alone would leave its peers waiting forever
-        where = torch.device(f"cuda:{local_rank}") if world > 1 and torch.cuda.is_available() else torch.device("cpu")
-        if agree(failed is not None, where):
-            raise SystemExit(f"error: {failed}" if failed is not None
-                             else "error: another process failed to set up (see its message)")
-        epochs, resume = cfg.optim.epochs, cfg.run.resume
+        cfg = _collective(where, lambda: args if isinstance(args, Config) else resolve(given_options(args)))
+        if world > 1:
+            _collective(where, lambda: _same_everywhere(
+                {**agreement.option_values(cfg.options()), "the code (amdim, amdim_kernels, torch)":
+                 agreement.code_digest()}, world, "be started with the same options and code"))
+        out_dir = cfg.run.out_dir
+        if rank == 0:
+            print(cfg.describe(), file=sys.stderr, flush=True)
+        r = _collective(where, lambda: setup(cfg, rank, world, local_rank))
+        if world > 1:
+            _collective(where, lambda: _same_everywhere(
+                {"the training data": r.data_fingerprint,
+                 "the checkpoint of --resume": (r.resumed or {}).get("sha256")}, world, "read the same data and checkpoint"))
+        epochs = cfg.optim.epochs
         if r.start_epoch >= epochs:
             if rank == 0:
-                print(f"amdim.train: {resume} has already trained {r.start_epoch} epoch(s) and "
-                      f"--epochs is {epochs}: nothing to do. To train further, pass --resume "
-                      f"{resume} --epochs N with N > {r.start_epoch}.", file=sys.stderr, flush=True)
+                print(f"amdim.train: {cfg.run.resume} has already trained {r.start_epoch} epoch(s) and "
+                      f"--epochs is {epochs}: nothing to do. To train further: "
+                      f"{command(cfg.options(), out_dir, r.ck_path, epochs=2 * r.start_epoch)} (any --epochs "
+                      f"above {r.start_epoch})", file=sys.stderr, flush=True)
             return {"losses": [], "epochs": [], "checkpoint": r.ck_path, "config": cfg}
+        _collective(where, lambda: begin(r))
+        wrap_ddp(r)
         summary = train(r)
         summary["config"] = cfg
         if rank == 0:
             print(f"amdim.train: done. Checkpoint: {r.ck_path}; metrics: "
                   f"{os.path.join(out_dir, METRICS)}\nLinear probe of the trained encoder: "
-                  f"python -m amdim.evaluate --checkpoint {r.ck_path}", file=sys.stderr, flush=True)
+                  f"{shlex.join(['python', '-m', 'amdim.evaluate', '--checkpoint', os.path.abspath(r.ck_path)])}",
+                  file=sys.stderr, flush=True)
         if world > 1:
             # tearing gloo down while a peer still finishes its last collective can abort the
             # process ("terminate called without an active exception"): leave together

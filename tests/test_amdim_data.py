@@ -120,6 +120,29 @@ def test_cifar_lossless_integer_data_and_labels_are_accepted(tmp_path):
     assert ds.train.labels[8:12].tolist() == [9, 8, 7, 6]
 
 
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_numpy_scalar_labels_are_accepted(tmp_path, protocol):
+    """Labels saved as numpy scalars (a list of np.int64, as a script indexing a label array
+    writes): reconstructed from their dtype and bytes, still without running code."""
+    root = _cifar_dir(tmp_path, "cifar10")
+    labels = [np.int64(9), np.int32(8), np.uint8(7), np.int16(6)]
+    _write_batch(root, {b"data": _good_x(), b"labels": labels}, protocol=protocol)
+    ds = data.load("cifar10", str(tmp_path))
+    assert ds.train.labels[8:12].tolist() == [9, 8, 7, 6]
+
+
+def test_cifar_numpy_scalars_of_other_dtypes_are_refused(tmp_path):
+    root = _cifar_dir(tmp_path, "cifar10")
+    scalar = np.int64(0).__reduce__()[0]
+
+    class ObjectScalar:
+        def __reduce__(self):
+            return scalar, (np.dtype(object), 3)
+    _write_batch(root, {b"data": _good_x(), b"labels": [ObjectScalar(), 1, 2, 3]})
+    with pytest.raises(ValueError, match="numpy scalars are allowed only of a numeric dtype"):
+        data.load("cifar10", str(tmp_path))
+
+
 def test_cifar100_fine_label_range(tmp_path):
     root = _cifar_dir(tmp_path, "cifar100")
     _write_batch(root, _cifar_record("cifar100", _good_x(), [0, 99, 5, 5], "test"), "test")
@@ -276,7 +299,7 @@ def test_stl10_malformed_contents_name_the_file(tmp_path, case, file, content, w
 
 
 def _folder(root, classes=("cat", "dog"), per_class=5, size=(12, 9)):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")   # writes the images (reading them is what is tested)
     rng = np.random.default_rng(2)
     for c in classes:
         (root / c).mkdir(parents=True)
@@ -337,7 +360,7 @@ def _png_claiming_size(width, height):
 
 
 def test_image_folder_decompression_bomb_names_the_file(tmp_path):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
     _folder(tmp_path / "bomb")
     side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 10     # past the limit at which Pillow raises
     (tmp_path / "bomb" / "dog" / "huge.png").write_bytes(_png_claiming_size(side, side))
@@ -347,7 +370,7 @@ def test_image_folder_decompression_bomb_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 def test_image_folder_truncated_image_names_the_file(tmp_path, fmt):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
     _folder(tmp_path / "t")
     path = tmp_path / "t" / "cat" / f"cut.{fmt}"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)

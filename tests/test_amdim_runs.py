@@ -4,6 +4,8 @@ unusable output directories and options."""
 import json
 import os
 import pickle
+import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -196,11 +198,28 @@ def test_an_out_dir_that_fails_mid_run_keeps_the_last_checkpoint(tmp_path, monke
 
 # -- options --------------------------------------------------------------------------------------
 
-def test_resuming_a_finished_run_says_so(trained, tmp_path, capsys):
-    summary = _run(trained.parent, "--epochs", "1", "--steps-per-epoch", "2", "--resume", str(trained))
+def _printed_command(text, prefix="python -m amdim.train "):
+    """The command line printed in `text` (the rest of its line from `prefix`, up to a
+    parenthesis), split as a shell would."""
+    line = text[text.index(prefix):].splitlines()[0].split(" (")[0]
+    return shlex.split(line)
+
+
+def test_resuming_a_finished_run_prints_a_command_that_continues_it(trained, tmp_path, capsys):
+    """The hint of a finished run is a whole command: run as printed (from another directory, the
+    checkpoint in a path with a space), it trains further."""
+    run = tmp_path / "a run"
+    run.mkdir()
+    shutil.copy(trained, run / checkpoint.CHECKPOINT)
+    summary = _run(run, "--epochs", "1", "--steps-per-epoch", "2", "--resume", str(run / checkpoint.CHECKPOINT))
     assert summary["losses"] == []
     err = capsys.readouterr().err
-    assert "already trained 1 epoch" in err and "--epochs N with N > 1" in err
+    assert "already trained 1 epoch" in err
+    argv = _printed_command(err)
+    assert argv[:3] == ["python", "-m", "amdim.train"] and argv[argv.index("--epochs") + 1] == "2"
+    summary = train.run(train.build_parser().parse_args(argv[3:]))
+    assert len(summary["losses"]) == 2
+    assert checkpoint.load(str(run / checkpoint.CHECKPOINT))["epoch"] == 2
 
 
 def test_resume_accepts_the_default_image_size_spelled_out(tmp_path):
@@ -278,13 +297,6 @@ def test_overwrite_with_a_resume_from_elsewhere_starts_clean_metrics(trained, tm
     _run(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume", str(trained), "--overwrite")
     steps = [r["global_step"] for r in _records(out) if r["kind"] == "train"]
     assert steps == [3, 4]                                                  # only the continuation
-
-
-def test_evaluate_checks_its_json_path_first(trained, tmp_path):
-    cli = subprocess.run([sys.executable, "-m", "amdim.evaluate", "--checkpoint", str(trained),
-                          "--json", str(tmp_path / "missing" / "r.json")], capture_output=True, text=True,
-                         timeout=120)
-    assert cli.returncode != 0 and "error: --json" in cli.stderr and "Traceback" not in cli.stderr
 
 
 def test_resume_takes_this_runs_optimiser_settings(trained, tmp_path):

@@ -200,33 +200,42 @@ def test_global_dot_critic_is_rdevon_dims():
 @pytest.mark.parametrize("arch", ["dot", "concat"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_objective_terms_match_plain_formulas(arch, estimator):
+    """The MI terms equal the plain formulas, and so do the encoder's gradients: the encoder learns
+    from the MI terms through C and Y (an objective that detached them would leave only the critics
+    learning, which still raises the MI estimate)."""
     obj = DIMObjective(0.7, 1.3, 0.0, estimator, arch, "none", "reference", global_arch=arch, **(
         dict(n_shuffles=3) if arch == "concat" else {}))
     m = tiny(**obj.model_options())
     feats = m(images(5))[0]
     loss, parts = obj(m, feats, gen(8))
+    encoder = [p for n, p in m.named_parameters() if n.startswith("encoder.")]
+    got = torch.autograd.grad(loss, encoder, retain_graph=True)
     conv, y = feats["conv"], feats["y"]
-    with torch.no_grad():
-        if arch == "dot":
-            trg_g, src_g = m.global_critic(conv, y)
-            s = src_g @ trg_g[:, 0].T                                  # raw dot products
-        else:
-            s = m.global_critic(conv, y)
-        eye = torch.eye(5, dtype=torch.bool)
-        mi_g = plain_mi(s[eye], s[~eye], estimator, lambda p: s[p][~eye[p]])
-        if arch == "dot":
-            trg, src = m.local_critic(conv, y)
-            sl = dot_scores(src, trg)
-            is_pos = eye[:, :, None].expand_as(sl)
-            mi_l = plain_mi(sl[is_pos], sl[~is_pos], estimator, lambda p: sl[p // 64][~is_pos[p // 64]])
-        else:
-            idx = concat_pairing(gen(8), 5, 64, 3, y.device)
-            sl = m.local_critic(conv, y, idx)                          # (5, 4, 64)
-            mi_l = plain_mi(sl[:, 0].flatten(), sl[:, 1:].flatten(), estimator,
-                            lambda p: sl[p // 64, 1:, p % 64])
-    torch.testing.assert_close(parts["mi_global"], mi_g, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(parts["mi_local"], mi_l, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss.detach(), -(0.7 * mi_g + 1.3 * mi_l), rtol=1e-5, atol=1e-5)
+    if arch == "dot":
+        trg_g, src_g = m.global_critic(conv, y)
+        s = src_g @ trg_g[:, 0].T                                  # raw dot products
+    else:
+        s = m.global_critic(conv, y)
+    eye = torch.eye(5, dtype=torch.bool)
+    mi_g = plain_mi(s[eye], s[~eye], estimator, lambda p: s[p][~eye[p]])
+    if arch == "dot":
+        trg, src = m.local_critic(conv, y)
+        sl = dot_scores(src, trg)
+        is_pos = eye[:, :, None].expand_as(sl)
+        mi_l = plain_mi(sl[is_pos], sl[~is_pos], estimator, lambda p: sl[p // 64][~is_pos[p // 64]])
+    else:
+        idx = concat_pairing(gen(8), 5, 64, 3, y.device)
+        sl = m.local_critic(conv, y, idx)                          # (5, 4, 64)
+        mi_l = plain_mi(sl[:, 0].flatten(), sl[:, 1:].flatten(), estimator,
+                        lambda p: sl[p // 64, 1:, p % 64])
+    want_loss = -(0.7 * mi_g + 1.3 * mi_l)
+    torch.testing.assert_close(parts["mi_global"], mi_g.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts["mi_local"], mi_l.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad(want_loss, encoder)
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_concat_nce_defaults_to_several_shuffles():

@@ -121,10 +121,22 @@ def _empty_bytes(*args):
     return b""
 
 
+_SCALAR = np.int64(0).__reduce__()[0]
+
+
+def _numeric_scalar(dtype, data):
+    """numpy's scalar reconstruction (a label written as np.int64(3)), for a plain numeric dtype
+    and its raw bytes only."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"numpy scalars are allowed only of a numeric dtype from raw bytes, got "
+                                     f"scalar({dtype!r}, {type(data).__name__})")
+    return _SCALAR(dtype, data)
+
+
 # The globals a CIFAR python pickle references: numpy's array reconstruction (written by Python 2
-# as numpy.core.*, by numpy 2 as numpy._core.*; _frombuffer by protocol 5) and the latin-1 encode
-# and empty bytes() that Python 3 protocol-2 pickles use for bytes. The dict, lists, strings and
-# numbers need none.
+# as numpy.core.*, by numpy 2 as numpy._core.*; _frombuffer by protocol 5), numeric numpy scalars
+# (labels saved as np.int64), and the latin-1 encode and empty bytes() that Python 3 protocol-2
+# pickles use for bytes. The dict, lists, strings and numbers need none.
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]
 _FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
 SAFE_GLOBALS = {
@@ -134,6 +146,8 @@ SAFE_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy.core.multiarray", "scalar"): _numeric_scalar,
+    ("numpy._core.multiarray", "scalar"): _numeric_scalar,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
     ("builtins", "bytes"): _empty_bytes,
@@ -358,6 +372,11 @@ def _read_folder(root, size, classes=None):
 
 def load_folder(path, size) -> Dataset:
     root = _find_dir("folder", path, None)
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        raise ValueError("--dataset folder reads its images with Pillow, which is not installed: "
+                         "pip install pillow") from None
     tr_dir, te_dir = os.path.join(root, "train"), os.path.join(root, "test")
     if os.path.isdir(tr_dir) and os.path.isdir(te_dir):
         train, classes = _read_folder(tr_dir, size)
@@ -381,6 +400,24 @@ def load_shapes() -> Dataset:
     xtr, ytr, xte, yte = shapes.shapes_arrays()
     train = ImageSet(xtr, ytr)
     return Dataset(train, train, ImageSet(xte, yte), len(shapes.CLASSES), "shapes")
+
+
+def fingerprint(ds: Dataset, samples: int = 16) -> str:
+    """A cheap SHA-256 of a dataset: its sizes, every label, and `samples` images of each split at
+    evenly spaced rows. Two copies of a dataset that differ in their images' count, order, classes
+    or (most likely) content give different fingerprints, without reading every image."""
+    import hashlib
+    h = hashlib.sha256(f"{ds.name}:{ds.n_classes}".encode())
+    for part in (ds.train, ds.train_labeled, ds.test):
+        n = len(part)
+        h.update(f"|{n}|".encode())
+        h.update(np.ascontiguousarray(part.labels, dtype=np.int64).tobytes())
+        rows = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64)) if n else []
+        images, _ = part.batch(rows) if n else ([], None)
+        for im in images:
+            h.update(f"{tuple(im.shape)}".encode())
+            h.update(im.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load(name: str, path: str | None = None, image_size: int | None = None) -> Dataset:
