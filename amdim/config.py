@@ -16,6 +16,7 @@ stored in its checkpoint); `Config.from_options` rebuilds the config from it.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -24,6 +25,17 @@ from .amdim_objective import ESTIMATORS, LOSS_BACKENDS  # noqa: F401  (the parse
 
 METHODS = ("amdim", "dim")
 SEED_MAX = 2**32 - 1   # np.random.seed's largest; torch and Python take it too
+
+
+def seed_arg(s):
+    """argparse type of --seed (train and evaluate): an integer in [0, SEED_MAX]."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {s!r}")
+    return v
 
 
 @dataclass(frozen=True)

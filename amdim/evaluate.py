@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .config import SEED_MAX
+from .config import SEED_MAX, seed_arg
 from .data import augment, datasets as data
 from .distributed import pick_device
 
@@ -195,19 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dataset's directory (default: the one stored in the checkpoint)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--seed", type=_seed, default=0, help="initialisation seed for --features random (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="initialisation seed for --features random (default: 0)")
     p.add_argument("--json", default=None, help="also write the result to this file (written atomically)")
     return p
-
-
-def _seed(s):
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {s!r}")
-    return v
 
 
 def main(argv=None):

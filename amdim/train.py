@@ -30,7 +30,7 @@ import torch.distributed as dist
 from . import agreement, checkpoint, optim, run_dir
 from .amdim_model import ENCODER_SIZES
 from .amdim_objective import COSTS, parse_costs
-from .config import (DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, SEED_MAX, Config, argv as config_argv,
+from .config import (DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, Config, seed_arg, argv as config_argv,
                      default_text, resolve)
 from .data import augment, datasets as data
 from .distributed import agree, convert_batchnorm, init_distributed, pick_device
@@ -68,16 +68,6 @@ def nonneg_float(s):
     v = float(s)
     if not (v >= 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def seed_arg(s):
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {s!r}")
     return v
 
 
