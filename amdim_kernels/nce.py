@@ -7,7 +7,6 @@ import math
 from typing import Iterator, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _validate
 from ._validate import softplus
@@ -178,7 +177,7 @@ def estimator_loss(estimator: str, pos: torch.Tensor, neg_stat: torch.Tensor, b:
     """The loss of `estimator` from nce_fwd's (pos (N, L), neg_stat (N,)) for B target samples;
     neg_stat is the negatives' logsumexp ("nce", "dv") or softplus sum ("jsd") per row."""
     if estimator == "nce":
-        return F.softplus(neg_stat[:, None] - pos).mean()
+        return softplus(neg_stat[:, None] - pos).mean()
     n_neg_pairs = pos.numel() * (b - 1)
     if estimator == "jsd":   # the mean over no negative pairs (B == 1) counts as 0
         return softplus(-pos).mean() + neg_stat.sum() / max(n_neg_pairs, 1)
