@@ -171,7 +171,9 @@ def gradient_in_forward(src: torch.Tensor, trg: torch.Tensor, estimator: str) ->
     gradient formed in the forward (nce_fwd_grad, three products) where a backward will follow,
     else nce_fwd now and nce_bwd in the backward (four products with the backward, one without).
     DV's gradient needs a statistic of all rows, so it always takes the second; so do torch.func
-    transforms, which take the autograd.Function of nce_fwd."""
+    transforms, which take the autograd.Function of nce_fwd. No size rule: the first was measured
+    faster at every size tried, tiny to DIM's local loss, with one or both inputs requiring grad
+    (benchmarks/NOTES.md)."""
     return (estimator in ("nce", "jsd") and torch.is_grad_enabled()
             and (src.requires_grad or trg.requires_grad) and not _functorch_transform())
 

@@ -259,13 +259,15 @@ def measure_interleaved(case, cfg):
         entries.append((dict(case, variant="fused", mode=mode), loss.prepare, loss.call, loss))
     for name, fn in product_calls(case, cfg).items():
         entries.append((dict(case, variant="products", mode=name), lambda: None, fn, None))
-    first, ran = [], {}
+    first, ran, formed = [], {}, []
     with backends_ran(ran):   # which backend the fused rows ran (the products call no loss)
-        for _, prepare, fn, _ in entries:   # the first call holds one-time costs (the extension's build)
+        for _, prepare, fn, loss in entries:   # the first call holds one-time costs (the extension's build)
             prepare()
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             first.append(time.perf_counter() - t0)
+            # whether the forward formed the gradient (the CPU path's choice, or --two-pass)
+            formed.append(loss and type(out[0].grad_fn).__name__ == "ForwardGradientLossBackward")
         times = [[] for _ in entries]
         for r in range(-cfg["warmup"], cfg["repeats"]):
             for k in range(len(entries)):
@@ -277,14 +279,18 @@ def measure_interleaved(case, cfg):
                 if r >= 0:
                     times[j].append(time.perf_counter() - t0)
     return [_record(c, interleaved=True, input_bytes=loss.input_bytes() if loss else None,
-                    **({"backends": ran["backends"]} if loss else {}), **timing_fields(f, t))
-            for (c, _, _, loss), f, t in zip(entries, first, times)]
+                    **({"backends": ran["backends"], "gradient_in_forward": g} if loss else {}),
+                    **timing_fields(f, t))
+            for (c, _, _, loss), f, t, g in zip(entries, first, times, formed)]
 
 
 def measure(case, cfg, part="all"):
     """All records of one case; failures become records with status "OOM" or "error"."""
     torch.set_num_threads(cfg["threads"])
     clock = Clock(cfg["device"])
+    if cfg.get("two_pass"):   # this child process only
+        from amdim_kernels import nce
+        nce.gradient_in_forward = lambda *args: False
     try:
         if case["variant"] == "interleaved":
             return measure_interleaved(case, cfg)
@@ -557,6 +563,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="untimed calls before them (default 2; 5 on cuda without --sweep; 1 quick)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--fused-backend", default="auto", help="backend= of fused_nce_loss")
+    p.add_argument("--two-pass", action="store_true",
+                   help="cpu: the fused loss's gradient by nce_fwd + nce_bwd (four products) even where "
+                        "the forward would form it (nce.gradient_in_forward), to compare the two")
     p.add_argument("--tclip", type=parse_tclip, default=20.0, help="soft clip, or none (default 20)")
     p.add_argument("--reg-weight", type=float, default=0.05)
     p.add_argument("--estimator", choices=["nce", "jsd", "dv"], default="nce")
@@ -650,7 +659,7 @@ def main(argv=None):
                      "warm-up (own subprocess, 64 KiB mmap threshold, heap trimmed, HWM reset via "
                      "clear_refs); min of 2 calls")
     cfg = dict(device=args.device, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-               fused_backend=args.fused_backend, interleave=args.interleave,
+               fused_backend=args.fused_backend, two_pass=args.two_pass, interleave=args.interleave,
                case_timeout=args.case_timeout, compile_timeout=args.compile_timeout,
                isolate=isolate, memory_method=memory_method)
     torch.set_num_threads(args.threads)

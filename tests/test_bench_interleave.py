@@ -68,11 +68,13 @@ def test_interleaved_cases_and_dim_positives():
     assert pos_idx.tolist() == [0] * 4 + [1] * 4 + [2] * 4   # N = B * L: row i's image is i // L
 
 
-def test_quick_interleaved_run_writes_aligned_rounds(tmp_path):
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_quick_interleaved_run_writes_aligned_rounds(tmp_path, two_pass):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, BENCH / "bench_nce.py", "--quick", "--interleave", "--shapes", "8x8x4x16",
            "--variants", "fused", "products", "--modes", "fwd", "fwd+bwd",
            "--threads", "2", "--estimator", "jsd", "--tclip", "none", "--out", out]
+    cmd += ["--two-pass"] * two_pass
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
@@ -84,8 +86,9 @@ def test_quick_interleaved_run_writes_aligned_rounds(tmp_path):
         assert r["status"] == "ok" and r["interleaved"] and len(r["times_s"]) == result["settings"]["repeats"]
         assert r["estimator"] == "jsd" and r["tclip"] is None
         assert (r["peak_extra_bytes"] is not None) == (r["variant"] == "fused")
-        if r["variant"] == "fused":   # the fused rows really ran the C++ kernel
+        if r["variant"] == "fused":   # the fused rows really ran the C++ kernel, on the path asked for
             assert r["backends"] == ["cpp"], r
+            assert r["gradient_in_forward"] == (r["mode"] != "eval" and not two_pass), r
     (summary,) = result["summary"]
     assert summary["interleaved"] and summary["fused_fwdbwd_over_3mm_range"] is not None
     assert "| 8x8x4x16 | float32 | jsd, tclip None" in out.with_suffix(".md").read_text()
