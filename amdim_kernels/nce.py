@@ -7,7 +7,6 @@ import math
 from typing import Iterator, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _validate
 from ._validate import softplus
@@ -103,6 +102,92 @@ def nce_statistics(src, trg, pos_idx, tclip, neg_reduction, loss):
     return op(src.contiguous(), trg.contiguous(), pos_idx, tclip, neg_reduction)
 
 
+class ForwardGradientLoss(torch.autograd.Function):
+    """(loss, lgt_reg, sumsq) of the CPU fused loss, its gradient formed in the forward: the op
+    nce_fwd_grad returns the statistics with d(loss + lgt_reg)/d(src, trg) (three score-sized
+    products where nce_fwd and nce_bwd make four, docs/design.md); the loss is composed from the
+    statistics here as on every other path, and the backward scales the kept gradient by the
+    upstream gradient, or forms it anew where lgt_reg's upstream gradient differs from loss's
+    (nce_fwd_grad_backward). Estimators "nce" and "jsd"."""
+
+    @staticmethod
+    def forward(src, trg, pos_idx, tclip, reg_weight, estimator):
+        from . import ops
+        pos, neg_stat, sumsq, grad_src, grad_trg = ops.nce_fwd_grad(
+            src, trg, pos_idx, tclip, float(reg_weight), estimator)
+        b = trg.shape[0]
+        loss = estimator_loss(estimator, pos, neg_stat, b)
+        lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
+        return loss, lgt_reg, sumsq, pos, neg_stat, grad_src, grad_trg
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        src, trg, pos_idx, tclip, reg_weight, estimator = inputs
+        ctx.save_for_backward(*output[5:], src, trg, pos_idx, *output[3:5])
+        ctx.tclip, ctx.reg_weight, ctx.estimator = tclip, float(reg_weight), estimator
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_reg, *unused):
+        from . import ops
+        saved = ctx.saved_tensors
+        zero = saved[0].new_zeros(())
+        grad_loss = zero if grad_loss is None else grad_loss
+        grad_reg = zero if grad_reg is None else grad_reg
+        if (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and bool(grad_loss == 1) and (ctx.reg_weight == 0 or bool(grad_reg == 1))):
+            # d(loss + lgt_reg) itself, the common case: handed over without a copy (a read of
+            # two CPU scalars)
+            return saved[0], saved[1], None, None, None, None
+        args = (grad_loss, grad_reg, *saved, ctx.tclip, ctx.reg_weight, ctx.estimator)
+        # With create_graph=True (grad mode on here) the result must refuse a second backward.
+        grad = (ForwardGradientBackward.apply(*args) if torch.is_grad_enabled()
+                else ops.nce_fwd_grad_backward(*args))
+        return grad + (None, None, None, None)
+
+
+class ForwardGradientBackward(torch.autograd.Function):
+    """nce_fwd_grad_backward where its result may be differentiated (create_graph=True): that
+    raises."""
+
+    @staticmethod
+    def forward(*args):
+        from . import ops
+        return ops.nce_fwd_grad_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from . import ops
+        raise RuntimeError(ops.SECOND_DERIVATIVE_MISSING.format(op="amdim_kernels::nce_fwd_grad_backward"))
+
+
+def gradient_in_forward(src: torch.Tensor, trg: torch.Tensor, estimator: str) -> bool:
+    """The one choice between the CPU kernels' two ways to the gradient (docs/design.md): the
+    gradient formed in the forward (nce_fwd_grad, three products) where a backward will follow,
+    else nce_fwd now and nce_bwd in the backward (four products with the backward, one without).
+    DV's gradient needs a statistic of all rows, so it always takes the second; so do torch.func
+    transforms, which take the autograd.Function of nce_fwd. No size rule: the first was measured
+    faster at every size tried, tiny to DIM's local loss, with one or both inputs requiring grad
+    (benchmarks/NOTES.md)."""
+    return (estimator in ("nce", "jsd") and torch.is_grad_enabled()
+            and (src.requires_grad or trg.requires_grad) and not _functorch_transform())
+
+
+def forward_gradient_loss(src, trg, pos_idx, tclip, reg_weight, estimator):
+    """(loss, lgt_reg, sumsq) through ForwardGradientLoss (the dispatch record is `estimator`)."""
+    from . import ops
+    src, trg = ops.cpu_kernel_inputs(src, trg)
+    _ran_fused(estimator, src)
+    loss, lgt_reg, sumsq, *_ = ForwardGradientLoss.apply(
+        src.contiguous(), trg.contiguous(), pos_idx, tclip, reg_weight, estimator)
+    return loss, lgt_reg, sumsq
+
+
 def fused_nce_loss(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[torch.Tensor] = None, *,
                    tclip: Optional[float] = 20.0, reg_weight: float = 0.05, estimator: str = "nce",
                    backend: str = "auto", strict: Optional[bool] = None
@@ -141,14 +226,18 @@ def _fused_nce_loss(src, trg, pos_idx, tclip, reg_weight, estimator, backend, st
     check_fused_dtype(backend, src, src_name)
     if backend == "triton" and not strict and not _functorch_transform() and _fused_epilogue():
         return _fused_loss_op(src, trg, pos_idx, tclip, reg_weight, estimator, pos_idx_given)
-    neg_reduction = _validate.NEG_REDUCTION[estimator]
     with _validate.autocast_disabled(src.device):
-        pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip, neg_reduction, estimator)
+        if backend == "cpp" and gradient_in_forward(src, trg, estimator):
+            loss, lgt_reg, sumsq = forward_gradient_loss(src, trg, pos_idx, tclip, reg_weight,
+                                                         estimator)
+        else:
+            pos, neg_stat, sumsq = nce_statistics(src, trg, pos_idx, tclip,
+                                                  _validate.NEG_REDUCTION[estimator], estimator)
+            loss = estimator_loss(estimator, pos, neg_stat, b)
+            lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
         bad = _validate.check_scores(sumsq, strict, **{src_name: src, trg_name: trg})
         if pos_idx_given and not strict:   # a strict call has checked the range already
             bad = bad | _validate.range_flag(pos_idx, b)
-        loss = estimator_loss(estimator, pos, neg_stat, b)
-        lgt_reg = _validate.regulariser(sumsq / (b * pos.numel()), reg_weight)
     return _validate.poison((loss, lgt_reg), bad)
 
 
@@ -178,7 +267,7 @@ def estimator_loss(estimator: str, pos: torch.Tensor, neg_stat: torch.Tensor, b:
     """The loss of `estimator` from nce_fwd's (pos (N, L), neg_stat (N,)) for B target samples;
     neg_stat is the negatives' logsumexp ("nce", "dv") or softplus sum ("jsd") per row."""
     if estimator == "nce":
-        return F.softplus(neg_stat[:, None] - pos).mean()
+        return softplus(neg_stat[:, None] - pos).mean()
     n_neg_pairs = pos.numel() * (b - 1)
     if estimator == "jsd":   # the mean over no negative pairs (B == 1) counts as 0
         return softplus(-pos).mean() + neg_stat.sum() / max(n_neg_pairs, 1)

@@ -25,6 +25,8 @@ from ._validate import acc_dtype
 _extension.load()
 nce_fwd = torch.ops.amdim_kernels.nce_fwd
 nce_bwd = torch.ops.amdim_kernels.nce_bwd
+nce_fwd_grad = torch.ops.amdim_kernels.nce_fwd_grad
+nce_fwd_grad_backward = torch.ops.amdim_kernels.nce_fwd_grad_backward
 
 SECOND_DERIVATIVE_MISSING = (
     "{op} has no second derivative: the fused losses can be differentiated once, not twice "
@@ -44,6 +46,17 @@ def _nce_fwd_fake(src, trg, pos_idx, tclip, neg_reduction):
 def _nce_bwd_fake(grad_pos, grad_neg_stat, grad_sumsq, src, trg, pos_idx, neg_stat, tclip,
                   neg_reduction):
     return torch.empty_like(src), torch.empty_like(trg)
+
+
+@torch.library.register_fake("amdim_kernels::nce_fwd_grad")
+def _nce_fwd_grad_fake(src, trg, pos_idx, tclip, reg_weight, estimator):
+    return _nce_fwd_fake(src, trg, pos_idx, tclip, None) + (torch.empty_like(src), torch.empty_like(trg))
+
+
+@torch.library.register_fake("amdim_kernels::nce_fwd_grad_backward")
+def _nce_fwd_grad_backward_fake(grad_loss, grad_reg, grad_src, grad_trg, src, trg, pos_idx, pos,
+                                neg_stat, tclip, reg_weight, estimator):
+    return torch.empty_like(grad_src), torch.empty_like(grad_trg)
 
 
 def cpu_kernel_inputs(src: torch.Tensor, trg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +109,21 @@ def _no_forward_mode(op: str):
     return jvp
 
 
+def _not_differentiable(op: str, why: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op} is not differentiable: {why}")
+    return backward
+
+
 torch.library.register_autograd("amdim_kernels::nce_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "amdim_kernels::nce_fwd_grad",
+    _not_differentiable("amdim_kernels::nce_fwd_grad", "it returns the gradient of its loss, which "
+                        "fused_nce_loss hands to autograd (nce.ForwardGradientLoss)"),
+    setup_context=_setup_nothing)
+torch.library.register_autograd(
+    "amdim_kernels::nce_fwd_grad_backward",
+    _no_second_derivative("amdim_kernels::nce_fwd_grad_backward"), setup_context=_setup_nothing)
 torch.library.register_autograd("amdim_kernels::nce_bwd", _no_second_derivative("amdim_kernels::nce_bwd"),
                                 setup_context=_setup_nothing)
 

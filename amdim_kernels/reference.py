@@ -12,7 +12,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _validate
 from ._validate import acc_dtype, softplus
@@ -81,7 +80,7 @@ def nce_loss_reference(src: torch.Tensor, trg: torch.Tensor, pos_idx: Optional[t
         s = soft_clip(a, tclip)
         if estimator == "nce":
             pos, lse_neg = positives_and_lse_neg(s, pos_idx)
-            loss = F.softplus(lse_neg[:, None] - pos).mean()
+            loss = softplus(lse_neg[:, None] - pos).mean()
         else:
             loss = _dim_estimator_loss(s, pos_idx, estimator)
     return _validate.poison((loss, lgt_reg), bad)

@@ -14,8 +14,9 @@ backward needs) and "fwd+bwd" (forward, then backward of loss + lgt_reg). Times 
 torch.compile's compile time (and the C++ extension's build on its first use ever). CPU calls are
 timed with perf_counter, CUDA calls with CUDA events around each call.
 
---interleave (CPU; implied by --cpu-targets) times the fused loss (fwd, fwd+bwd) and the three
-products round-robin in one process per case: each round calls each once, so a ratio to the floor
+--interleave (CPU; implied by --cpu-targets) times the fused loss (fwd, fwd+bwd, and "eval": the
+forward under torch.no_grad, which is what a forward alone costs once the CPU training forward forms
+the gradient, docs/design.md) and the three products round-robin in one process per case: each round calls each once, so a ratio to the floor
 is taken within a round (machine speed drifts between rounds on a shared machine) and its median
 over the rounds is reported, with its spread (min-max) as the measure of noise. --cpu-targets runs
 the CPU acceptance cases (fp32): N = B = 256 and 1024 (L = 49, D = 256, nce, tclip 20), and DIM's
@@ -67,6 +68,9 @@ sys.path.insert(0, str(ROOT))   # measure the checkout this script lives in, not
 
 VARIANTS = ("reference", "compiled", "fused", "products")
 LOSS_MODES = ("fwd", "fwd+bwd")
+# The inference forward (torch.no_grad): interleaved cases time it too, since on CPU a training
+# forward ("fwd") already forms the gradient (docs/design.md, "The gradient in the forward").
+EVAL = "eval"
 PRODUCTS = ("src@trg^T", "g@trg", "g^T@src")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -90,7 +94,7 @@ S1, S2 = (512, 512, 49, 2048), (4096, 4096, 49, 1024)
 S_D256 = (8192, 8192, 49, 256)
 AMDIM_SIZES = [(nb, nb, 49, d) for nb in (128, 256, 480) for d in (1024, 1536, 2560)]
 TARGETS = [
-    ("cpu", S_CPU, "float32", "nce", "fwd / product", "fused_fwd_over_mm", "<=", 1.15),
+    ("cpu", S_CPU, "float32", "nce", "eval fwd / product", "fused_eval_over_mm", "<=", 1.15),
     ("cpu", S_CPU, "float32", "nce", "fwd+bwd / three products", "fused_fwdbwd_over_3mm", "<=", 1.3),
     ("cpu", S_CPU, "float32", "nce", "peak extra fwd+bwd MiB", "fused_peak_extra_fwdbwd_mib", "<", 1.0),
     ("cpu", S_CPU_1024, "float32", "nce", "fwd+bwd / three products", "fused_fwdbwd_over_3mm", "<=", 1.3),
@@ -193,12 +197,14 @@ class LossCall:
                                                        cfg["device"], requires_grad=True)
         self.kw = dict(tclip=case["tclip"], reg_weight=case["reg_weight"], estimator=case["estimator"])
         self.with_backward = case["mode"] == "fwd+bwd"
+        self.inference = case["mode"] == EVAL
 
     def prepare(self):
         self.src.grad = self.trg.grad = None   # frees the last call's gradients outside the timed region
 
     def forward(self):
-        return self.fn(self.src, self.trg, self.pos_idx, **self.kw)
+        with torch.set_grad_enabled(not self.inference):
+            return self.fn(self.src, self.trg, self.pos_idx, **self.kw)
 
     @staticmethod
     def backward(out):
@@ -244,21 +250,24 @@ def measure_loss(case, cfg, clock, part):
 
 
 def measure_interleaved(case, cfg):
-    """The fused loss (fwd, fwd+bwd) and the three products, round-robin: every round calls each
-    once (in an order rotated by one per round), so times_s[r] of the five records belong together."""
+    """The fused loss (fwd, fwd+bwd, eval) and the three products, round-robin: every round calls
+    each once (in an order rotated by one per round), so times_s[r] of the six records belong
+    together."""
     entries = []
-    for mode in LOSS_MODES:
+    for mode in LOSS_MODES + (EVAL,):
         loss = LossCall(dict(case, variant="fused", mode=mode), cfg)
         entries.append((dict(case, variant="fused", mode=mode), loss.prepare, loss.call, loss))
     for name, fn in product_calls(case, cfg).items():
         entries.append((dict(case, variant="products", mode=name), lambda: None, fn, None))
-    first, ran = [], {}
+    first, ran, formed = [], {}, []
     with backends_ran(ran):   # which backend the fused rows ran (the products call no loss)
-        for _, prepare, fn, _ in entries:   # the first call holds one-time costs (the extension's build)
+        for _, prepare, fn, loss in entries:   # the first call holds one-time costs (the extension's build)
             prepare()
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             first.append(time.perf_counter() - t0)
+            # whether the forward formed the gradient (the CPU path's choice, or --two-pass)
+            formed.append(loss and type(out[0].grad_fn).__name__ == "ForwardGradientLossBackward")
         times = [[] for _ in entries]
         for r in range(-cfg["warmup"], cfg["repeats"]):
             for k in range(len(entries)):
@@ -270,14 +279,18 @@ def measure_interleaved(case, cfg):
                 if r >= 0:
                     times[j].append(time.perf_counter() - t0)
     return [_record(c, interleaved=True, input_bytes=loss.input_bytes() if loss else None,
-                    **({"backends": ran["backends"]} if loss else {}), **timing_fields(f, t))
-            for (c, _, _, loss), f, t in zip(entries, first, times)]
+                    **({"backends": ran["backends"], "gradient_in_forward": g} if loss else {}),
+                    **timing_fields(f, t))
+            for (c, _, _, loss), f, t, g in zip(entries, first, times, formed)]
 
 
 def measure(case, cfg, part="all"):
     """All records of one case; failures become records with status "OOM" or "error"."""
     torch.set_num_threads(cfg["threads"])
     clock = Clock(cfg["device"])
+    if cfg.get("two_pass"):   # this child process only
+        from amdim_kernels import nce
+        nce.gradient_in_forward = lambda *args: False
     try:
         if case["variant"] == "interleaved":
             return measure_interleaved(case, cfg)
@@ -300,7 +313,7 @@ def measure(case, cfg, part="all"):
 def case_records(case) -> list:
     """The (variant, mode) of every record a case gives."""
     if case["variant"] == "interleaved":
-        return [("fused", m) for m in LOSS_MODES] + [("products", p) for p in PRODUCTS]
+        return [("fused", m) for m in LOSS_MODES + (EVAL,)] + [("products", p) for p in PRODUCTS]
     if case["variant"] == "products":
         return [("products", p) for p in PRODUCTS]
     return [(case["variant"], case["mode"])]
@@ -405,6 +418,7 @@ def summarize(records, device):
         mm3 = None if any(t["products", p] is None for p in PRODUCTS) else sum(t["products", p] for p in PRODUCTS)
         fwd, fwdbwd = t["fused", "fwd"], t["fused", "fwd+bwd"]
         rounds = {"fwd_over_mm": _per_round(recs, "fwd", PRODUCTS[:1]),
+                  "eval_over_mm": _per_round(recs, EVAL, PRODUCTS[:1]),
                   "fwdbwd_over_mm": _per_round(recs, "fwd+bwd", PRODUCTS[:1]),
                   "fwdbwd_over_3mm": _per_round(recs, "fwd+bwd", PRODUCTS)}
         ratio = {k: v[0] if v else None for k, v in rounds.items()}
@@ -415,6 +429,8 @@ def summarize(records, device):
                    fused_fwdbwd_over_mm=ratio["fwdbwd_over_mm"] or _div(fwdbwd, mm1),
                    fused_fwdbwd_over_3mm=ratio["fwdbwd_over_3mm"] or _div(fwdbwd, mm3),
                    fused_fwd_over_mm_range=rounds["fwd_over_mm"] and list(rounds["fwd_over_mm"][1:]),
+                   fused_eval_over_mm=ratio["eval_over_mm"],
+                   fused_eval_over_mm_range=rounds["eval_over_mm"] and list(rounds["eval_over_mm"][1:]),
                    fused_fwdbwd_over_3mm_range=rounds["fwdbwd_over_3mm"] and list(rounds["fwdbwd_over_3mm"][1:]),
                    speedup_fwd_vs_reference=_div(t["reference", "fwd"], fwd),
                    speedup_fwdbwd_vs_reference=_div(t["reference", "fwd+bwd"], fwdbwd),
@@ -487,14 +503,19 @@ def render_markdown(result) -> str:
                          f"| {_fmt(f.get('first_call_s'))} / {_fmt(b.get('first_call_s'))} "
                          f"| {_fmt(f.get('peak_extra_bytes'), 1 / MIB)} "
                          f"| {_fmt(b.get('peak_extra_bytes'), 1 / MIB)} | {(bad or 'ok')[:300]} |")
+            e = rs.get(EVAL)
+            if e and e["status"] == "ok":
+                lines.append(f"| {v} (eval: no grad) | {_fmt(e['median_s'], 1e3)} | - "
+                             f"| {_fmt(e['first_call_s'])} / - | {_fmt(e['peak_extra_bytes'], 1 / MIB)} | - | ok |")
         lines.append("")
     lines += ["## Ratios (fused)", "",
-              "| shape | dtype | loss | fwd / mm (range) | f+b / mm | f+b / 3 mm (range) "
+              "| shape | dtype | loss | fwd / mm (range) | eval fwd / mm (range) | f+b / mm | f+b / 3 mm (range) "
               "| f+b speedup vs reference | vs compiled | peak extra f+b MiB | peak extra f+b / reference's |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         lines.append(f"| {shape_str(s['shape'])} | {s['dtype']} | {loss_str(s)} "
                      f"| {_fmt(s['fused_fwd_over_mm'])} ({_range(s.get('fused_fwd_over_mm_range'))}) "
+                     f"| {_fmt(s.get('fused_eval_over_mm'))} ({_range(s.get('fused_eval_over_mm_range'))}) "
                      f"| {_fmt(s['fused_fwdbwd_over_mm'])} "
                      f"| {_fmt(s['fused_fwdbwd_over_3mm'])} ({_range(s.get('fused_fwdbwd_over_3mm_range'))}) "
                      f"| {_fmt(s['speedup_fwdbwd_vs_reference'])} | {_fmt(s['speedup_fwdbwd_vs_compiled'])} "
@@ -542,6 +563,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="untimed calls before them (default 2; 5 on cuda without --sweep; 1 quick)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--fused-backend", default="auto", help="backend= of fused_nce_loss")
+    p.add_argument("--two-pass", action="store_true",
+                   help="cpu: the fused loss's gradient by nce_fwd + nce_bwd (four products) even where "
+                        "the forward would form it (nce.gradient_in_forward), to compare the two")
     p.add_argument("--tclip", type=parse_tclip, default=20.0, help="soft clip, or none (default 20)")
     p.add_argument("--reg-weight", type=float, default=0.05)
     p.add_argument("--estimator", choices=["nce", "jsd", "dv"], default="nce")
@@ -635,7 +659,7 @@ def main(argv=None):
                      "warm-up (own subprocess, 64 KiB mmap threshold, heap trimmed, HWM reset via "
                      "clear_refs); min of 2 calls")
     cfg = dict(device=args.device, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-               fused_backend=args.fused_backend, interleave=args.interleave,
+               fused_backend=args.fused_backend, two_pass=args.two_pass, interleave=args.interleave,
                case_timeout=args.case_timeout, compile_timeout=args.compile_timeout,
                isolate=isolate, memory_method=memory_method)
     torch.set_num_threads(args.threads)

@@ -169,23 +169,25 @@ inline T max_lanes(const Vec<T>& v) {
 // ---- forward ----------------------------------------------------------------------------------
 template <typename T>
 void forward_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* tile,
-                  T* pos, T* row_max, T* row_acc, double* sumsq) {
+                  T* pos, T* row_max, T* row_acc, double* sumsq, bool keep_scores) {
   constexpr int64_t W = Vec<T>::size();
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Vec<T> tclip(p.tclip), inv(T(1) / p.tclip), zero(0), lowest(neg_inf);
   const bool lse = p.reduction == NegReduction::kLogSumExp;
+  alignas(64) T kept_row[kColBlock];  // a row's s, where the tile keeps a
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = r0 + r;
     T* row = tile + r * nc;
+    T* srow = p.clip && keep_scores ? kept_row : row;  // where s goes (s is a without the clip)
     RowLanes<T> lanes{0, 0, nc};
     p.positive_range(i, c0, nc, &lanes.lo, &lanes.hi);
-    // One pass: sum of a^2, the clip (in place), and the negatives' max or softplus sum.
+    // One pass: sum of a^2, the clip, and the negatives' max or softplus sum.
     Vec<T> sq(0), acc(0), vmax(lowest);
     for (int64_t j = 0; j < nc; j += W) {
       const Vec<T> a = lanes.load(row, j);
       sq = at::vec::fmadd(a, a, sq);  // zeros past nc
       const Vec<T> s = p.clip ? tclip * vtanh(a * inv) : a;
-      lanes.store(s, row, j);
+      if (p.clip) lanes.store(s, srow, j);
       const bool plain = lanes.plain(j);
       if (lse) {
         vmax = at::vec::maximum(vmax, plain ? s : Vec<T>::blendv(lowest, s, lanes.negatives(j)));
@@ -196,7 +198,7 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64
     }
     *sumsq += static_cast<double>(sum_lanes(sq));
     if (lanes.hi > lanes.lo)
-      std::copy(row + lanes.lo, row + lanes.hi, pos + i * p.L + (c0 + lanes.lo - p.pos_idx[i] * p.L));
+      std::copy(srow + lanes.lo, srow + lanes.hi, pos + i * p.L + (c0 + lanes.lo - p.pos_idx[i] * p.L));
     if (!lse) {
       row_acc[i] += sum_lanes(acc);
       continue;
@@ -209,7 +211,7 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64
     }
     const Vec<T> shift(m);  // second pass: the negatives' sum of exp(s - m)
     for (int64_t j = 0; j < nc; j += W) {
-      const Vec<T> e = vexp(lanes.load(row, j) - shift);
+      const Vec<T> e = vexp(lanes.load(srow, j) - shift);
       acc = acc + (lanes.plain(j) ? e : Vec<T>::blendv(zero, e, lanes.negatives(j)));
     }
     row_acc[i] += sum_lanes(acc);
@@ -252,18 +254,69 @@ void backward_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int6
   }
 }
 
+// ---- the JSD loss's statistics and gradient in one pass -----------------------------------------
+// softplus(s), sigmoid(s) and sigmoid(-s) share e = exp(-|s|): one exp per score beyond the clip's.
+template <typename T>
+void softplus_grad_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                        T* tile, T* pos, T* row_acc, double* sumsq, T pos_coef, T neg_coef,
+                        T grad_sumsq) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> one(1), zero(0), tclip(p.tclip), inv(T(1) / p.tclip), two_gsq(2 * grad_sumsq),
+      scale(p.scale), cpos(-pos_coef), cneg(neg_coef);
+  alignas(64) T kept_row[kColBlock];  // a row's positives' s (the tile gets g)
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r;
+    T* row = tile + r * nc;
+    RowLanes<T> lanes{0, 0, nc};
+    p.positive_range(i, c0, nc, &lanes.lo, &lanes.hi);
+    Vec<T> sq(0), acc(0);
+    for (int64_t j = 0; j < nc; j += W) {
+      const Vec<T> a = lanes.load(row, j);
+      sq = at::vec::fmadd(a, a, sq);  // zeros past nc
+      Vec<T> s = a, dt(1);
+      if (p.clip) {
+        Vec<T> t;
+        vtanh_dtanh(a * inv, &t, &dt);
+        s = tclip * t;
+      }
+      const Vec<T> e = vexp(zero - s.abs()), r1 = one / (one + e);
+      const Vec<T> nonneg = s >= zero;
+      const Vec<T> softplus = at::vec::maximum(s, zero) + vlog1p_unit(e);
+      // negatives: d neg_stat / d s = sigmoid(s); positives: d softplus(-s) / d s = -sigmoid(-s)
+      Vec<T> gs = cneg * Vec<T>::blendv(e, one, nonneg) * r1;
+      if (lanes.plain(j)) {
+        acc = acc + softplus;
+      } else {
+        const Vec<T> neg = lanes.negatives(j);
+        acc = acc + Vec<T>::blendv(zero, softplus, neg);
+        if (!(j + W <= lanes.lo || j >= lanes.hi)) {
+          lanes.store(s, kept_row, j);
+          gs = Vec<T>::blendv(gs, cpos * Vec<T>::blendv(one, e, nonneg) * r1, lanes.positives(j));
+        }
+      }
+      lanes.store(at::vec::fmadd(gs, dt, two_gsq * a) * scale, row, j);
+    }
+    *sumsq += static_cast<double>(sum_lanes(sq));
+    row_acc[i] += sum_lanes(acc);
+    if (lanes.hi > lanes.lo)
+      std::copy(kept_row + lanes.lo, kept_row + lanes.hi,
+                pos + i * p.L + (c0 + lanes.lo - p.pos_idx[i] * p.L));
+  }
+}
+
 }  // namespace
 
 template <>
 const Epilogue<float>& epilogue<float>() {
   static const Epilogue<float> kernels{&forward_tile<float>, &backward_tile<float>,
-                                       AMDIM_STRINGIFY(CPU_CAPABILITY)};
+                                       &softplus_grad_tile<float>, AMDIM_STRINGIFY(CPU_CAPABILITY)};
   return kernels;
 }
 
 template <>
 const Epilogue<double>& epilogue<double>() {
   static const Epilogue<double> kernels{&forward_tile<double>, &backward_tile<double>,
+                                        &softplus_grad_tile<double>,
                                         AMDIM_STRINGIFY(CPU_CAPABILITY)};
   return kernels;
 }

@@ -41,11 +41,18 @@ struct Epilogue {
   // sum of a^2 is added to *sumsq, and the negatives' running (max, sum of exp(s - max)) pair
   // (logsumexp) or their softplus sum (softplus_sum, in row_acc) is updated. The tile is
   // overwritten with s.
+  // keep_scores: the tile keeps the scores a instead (nce_fwd_grad forms g from them later).
   void (*forward)(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* tile,
-                  T* pos, T* row_max, T* row_acc, double* sumsq);
+                  T* pos, T* row_max, T* row_acc, double* sumsq, bool keep_scores);
   // Overwrites the tile of scores a with g = d(out)/d(a) / sqrt(D) (docs/design.md).
   void (*backward)(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* tile,
                    const T* grad_pos, const T* grad_neg, T grad_sumsq, const T* neg_stat);
+  // softplus_sum only (the JSD loss, whose gradient needs no row statistic): forward's statistics
+  // and, in the same pass, the tile overwritten with g = d(loss + lgt_reg)/d(a) / sqrt(D) for
+  // loss = pos_coef * sum softplus(-pos) + neg_coef * sum neg_stat, lgt_reg = grad_sumsq * sumsq.
+  void (*softplus_grad)(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                        T* tile, T* pos, T* row_acc, double* sumsq, T pos_coef, T neg_coef,
+                        T grad_sumsq);
   const char* isa;  // the instruction set it was compiled for
 };
 

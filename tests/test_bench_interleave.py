@@ -25,23 +25,25 @@ def test_ratios_are_medians_of_per_round_ratios():
     # while the ratio of the medians (1.1 / 0.5) would be 2.2
     fwd = [2.2, 0.11, 3.3]
     mm1 = [2.0, 0.1, 3.0]
-    recs = [record("fused", "fwd", fwd), record("fused", "fwd+bwd", [3 * x for x in fwd]),
+    recs = [record("fused", "fwd", [3 * x for x in fwd]), record("fused", "eval", fwd),
+            record("fused", "fwd+bwd", [3 * x for x in fwd]),
             record("products", "src@trg^T", mm1), record("products", "g@trg", [1.1 * x for x in mm1]),
             record("products", "g^T@src", [0.9 * x for x in mm1])]
     (row,), checks = bench_nce.summarize(recs, "cpu")
     assert row["interleaved"]
-    assert row["fused_fwd_over_mm"] == pytest.approx(1.1)
+    assert row["fused_eval_over_mm"] == pytest.approx(1.1)
+    assert row["fused_fwd_over_mm"] == pytest.approx(3.3)   # the training forward forms the gradient
     assert row["fused_fwdbwd_over_3mm"] == pytest.approx(1.1)
-    assert row["fused_fwd_over_mm_range"] == pytest.approx([1.1, 1.1])
+    assert row["fused_eval_over_mm_range"] == pytest.approx([1.1, 1.1])
     by_target = {c["target"]: c for c in checks}
-    assert by_target["fwd / product"]["passed"] is True          # <= 1.15
+    assert by_target["eval fwd / product"]["passed"] is True     # <= 1.15
     assert by_target["fwd+bwd / three products"]["passed"] is True  # <= 1.3
     assert by_target["peak extra fwd+bwd MiB"]["passed"] is True   # 0.5 < 1
     # the per-round pairing matters: shuffle the products' rounds and the ratio changes
-    recs[2] = record("products", "src@trg^T", [0.1, 2.0, 3.0])
+    recs[3] = record("products", "src@trg^T", [0.1, 2.0, 3.0])
     (row,), _ = bench_nce.summarize(recs, "cpu")
-    assert row["fused_fwd_over_mm"] == pytest.approx(1.1)  # round 3 alone still pairs
-    assert row["fused_fwd_over_mm_range"][1] == pytest.approx(22.0)
+    assert row["fused_eval_over_mm"] == pytest.approx(1.1)  # round 3 alone still pairs
+    assert row["fused_eval_over_mm_range"][1] == pytest.approx(22.0)
 
 
 def test_targets_apply_to_their_estimator_only():
@@ -66,24 +68,27 @@ def test_interleaved_cases_and_dim_positives():
     assert pos_idx.tolist() == [0] * 4 + [1] * 4 + [2] * 4   # N = B * L: row i's image is i // L
 
 
-def test_quick_interleaved_run_writes_aligned_rounds(tmp_path):
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_quick_interleaved_run_writes_aligned_rounds(tmp_path, two_pass):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, BENCH / "bench_nce.py", "--quick", "--interleave", "--shapes", "8x8x4x16",
            "--variants", "fused", "products", "--modes", "fwd", "fwd+bwd",
            "--threads", "2", "--estimator", "jsd", "--tclip", "none", "--out", out]
+    cmd += ["--two-pass"] * two_pass
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     records = result["records"]
     assert {(r["variant"], r["mode"]) for r in records} == {
-        ("fused", "fwd"), ("fused", "fwd+bwd"), ("products", "src@trg^T"), ("products", "g@trg"),
+        ("fused", "fwd"), ("fused", "fwd+bwd"), ("fused", "eval"), ("products", "src@trg^T"), ("products", "g@trg"),
         ("products", "g^T@src")}
     for r in records:
         assert r["status"] == "ok" and r["interleaved"] and len(r["times_s"]) == result["settings"]["repeats"]
         assert r["estimator"] == "jsd" and r["tclip"] is None
         assert (r["peak_extra_bytes"] is not None) == (r["variant"] == "fused")
-        if r["variant"] == "fused":   # the fused rows really ran the C++ kernel
+        if r["variant"] == "fused":   # the fused rows really ran the C++ kernel, on the path asked for
             assert r["backends"] == ["cpp"], r
+            assert r["gradient_in_forward"] == (r["mode"] != "eval" and not two_pass), r
     (summary,) = result["summary"]
     assert summary["interleaved"] and summary["fused_fwdbwd_over_3mm_range"] is not None
     assert "| 8x8x4x16 | float32 | jsd, tclip None" in out.with_suffix(".md").read_text()

@@ -199,7 +199,7 @@ def test_command_lines_are_unchanged():
         "-h", "--help", "--device", "--shapes", "--dtype", "--variants", "--modes", "--repeats",
         "--warmup", "--threads", "--fused-backend", "--tclip", "--reg-weight", "--sweep", "--quick",
         "--isolate", "--case-timeout", "--compile-timeout", "--tag", "--out",
-        "--estimator", "--interleave", "--cpu-targets"}
+        "--estimator", "--interleave", "--cpu-targets", "--two-pass"}
     assert help_options("bench_mixture.py") == {
         "-h", "--help", "--device", "--quick", "--warmup", "--repeats", "--losses", "--out"}
 

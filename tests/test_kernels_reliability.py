@@ -434,6 +434,8 @@ def test_fused_ops_run_with_autocast_disabled(entry, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(nce, "nce_statistics", spy(nce.nce_statistics, "statistics"))
+    # the CPU loss whose gradient is formed in the forward (inputs requiring grad)
+    monkeypatch.setattr(nce, "forward_gradient_loss", spy(nce.forward_gradient_loss, "statistics"))
     monkeypatch.setattr(_validate, "regulariser", spy(_validate.regulariser, "regulariser"))
     k = None if entry == "nce" else 3
     src, trg, pos_idx = make_inputs(9, 7, 5, 16, k=k)

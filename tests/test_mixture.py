@@ -68,7 +68,7 @@ def test_k1_is_the_nce_loss(detach_q):
     """One component: q = 1 and H(q) = 0, so the mixture loss is the NCE loss of spec section 1,
     here the reference's (the fused NCE loss is compared too: the two fused paths share the
     statistics pass but not the epilogue)."""
-    # tclip = 5 keeps Z - P below 20, where F.softplus (used by fused_nce_loss) is exact.
+    # every path's softplus is exact (logaddexp; F.softplus would return x for x > 20)
     src_mix, trg, pos_idx = make_inputs(9, 6, 7, 11, torch.float64, k=1, scale=2.0)
     with expect_fused(calls=2):
         mix = loss_and_grads(ak.fused_mixture_nce_loss, src_mix, trg, pos_idx, tau=3.0, alpha=0.2,

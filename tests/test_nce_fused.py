@@ -1,6 +1,8 @@
 """fused_nce_loss (C++ CPU backend) against the spec reference: loss, lgt_reg and gradients.
 Every fused call is checked to have run the C++ kernel (expect_fused), with two or more threads."""
 
+import math
+
 import pytest
 import torch
 
@@ -182,3 +184,17 @@ def test_gradient_of_lgt_reg_alone():
         (g_src,) = torch.autograd.grad(ak.fused_nce_loss(src, trg)[1], (src,))
     (r_src,) = torch.autograd.grad(ak.nce_loss_reference(src, trg)[1], (src,))
     torch.testing.assert_close(g_src, r_src, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [ak.nce_loss_reference, ak.fused_nce_loss], ids=["reference", "fused"])
+def test_softplus_is_exact_beyond_20(fn):
+    """loss = softplus(Z - P) and d loss / d(Z - P) = sigmoid(Z - P) exactly (losses.md), also
+    where Z - P > 20, at which F.softplus returns its argument and a gradient of 1."""
+    src = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+    trg = torch.tensor([[[-10.0]], [[15.0]]], dtype=torch.float64, requires_grad=True)
+    loss, _ = fn(src, trg, torch.tensor([0]), tclip=None, reg_weight=0.0)   # Z - P = 15 + 10
+    g_src, g_trg = torch.autograd.grad(loss, (src, trg))
+    w = 1.0 / (1.0 + math.exp(-25.0))
+    assert loss.item() == pytest.approx(25.0 + math.log1p(math.exp(-25.0)), rel=1e-15, abs=0)
+    assert g_src.item() == pytest.approx(25.0 * w, rel=1e-15, abs=0)
+    assert g_trg.flatten().tolist() == pytest.approx([-w, w], rel=1e-15, abs=0)
