@@ -174,21 +174,22 @@ def _nce_loss_bwd_kernel(
             offs = rows64[:, None] * L + ls[None, :]
             p = tl.load(pos_ptr + offs, mask=ok, other=0.0)
             if ESTIMATOR == 0:   # d softplus(Z - P) = sigmoid(Z - P) (dZ - dP)
-                w = tl.where(ok, _sigmoid(z[:, None] - p) * (g_loss * inv_nl), 0.0)
+                w = tl.where(ok & ~bad, _sigmoid(z[:, None] - p) * (g_loss * inv_nl), 0.0)
                 w_acc += tl.sum(w, axis=1)
                 gp = -w
             elif ESTIMATOR == 1:
                 gp = -_sigmoid(-p) * (g_loss * inv_nl)
             else:
                 gp = tl.zeros((BLOCK_R, BLOCK_L), tl.float32) - g_loss * inv_nl
-            tl.store(grad_pos_ptr + offs, gp, mask=ok)
+            # a poisoned call's unmatched rows hold unwritten positives (0 * NaN is NaN)
+            tl.store(grad_pos_ptr + offs, tl.where(bad, 0.0, gp), mask=ok)
         if ESTIMATOR == 0:
             gz = w_acc
         elif ESTIMATOR == 1:
             gz = tl.zeros((BLOCK_R,), tl.float32) + g_loss * inv_nneg
         else:
             gz = g_loss * tl.exp(z - lse)
-        tl.store(grad_neg_ptr + rows, gz, mask=row_ok)
+        tl.store(grad_neg_ptr + rows, tl.where(bad, 0.0, gz), mask=row_ok)
 
 
 def _blocks(l: int, s: int) -> tuple[int, int, int]:

@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_fwd_cpu(const at::Tensor& src
   const at::Tensor src = src_in.contiguous(), trg = trg_in.contiguous();
   const at::Tensor pos_idx = pos_idx_in.contiguous();
   const int64_t n = src.size(0), l = trg.size(1);
-  at::Tensor pos = at::empty({n, l}, src.options());
+  at::Tensor pos = at::zeros({n, l}, src.options());  // rows without positives read 0s, not garbage
   at::Tensor neg_stat = at::empty({n}, src.options());
   at::Tensor sumsq = at::empty({}, src.options());
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "nce_fwd_cpu", [&] {

@@ -256,6 +256,25 @@ def test_cuda_kernels_poison_and_edge_cases(cuda_variants, fwd):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="interpreter run of the CUDA kernels")
+@pytest.mark.parametrize("bwd", ["triton", "triton_cublas"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_poisoned_call_has_zero_gradient_whatever_pos_holds(cuda_variants, bwd, estimator):
+    """The forward writes no positive score for a row whose pos_idx is out of range (its tile is
+    never visited), so `pos` keeps what torch.empty left there: NaN bit patterns included. The
+    backward of a poisoned call must not multiply its zero weights by them (0 * NaN is NaN)."""
+    cuda_variants("tiled", bwd)
+    src, trg, pos_idx = (x.detach() for x in make_inputs(7, 3, 4, 6, torch.float32))
+    bad_idx = pos_idx.clone()
+    bad_idx[2] = 5
+    loss, reg, pos, neg_stat, bad = nce_loss_cuda(src, trg, bad_idx, 20.0, 0.05, estimator, True)
+    assert bad and math.isnan(loss)
+    pos[2] = math.nan   # what an unwritten row may hold
+    grads = nce_loss_bwd_cuda(torch.tensor(0.7), torch.tensor(1.3), src, trg, bad_idx, pos,
+                              neg_stat, bad, 20.0, 0.05, estimator)
+    assert all((g == 0).all() for g in grads), grads
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="interpreter run of the CUDA kernels")
 def test_the_op_runs_its_cuda_kernels_for_the_cuda_key(cuda_variants):
     """The registration: the CUDA dispatch key of nce_loss / nce_loss_bwd reaches the Triton
     kernels (the CPU key composes the torch epilogue)."""
