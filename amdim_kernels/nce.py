@@ -173,7 +173,12 @@ def gradient_in_forward(src: torch.Tensor, trg: torch.Tensor, estimator: str) ->
     DV's gradient needs a statistic of all rows, so it always takes the second; so do torch.func
     transforms, which take the autograd.Function of nce_fwd. No size rule: the first was measured
     faster at every size tried, tiny to DIM's local loss, with one or both inputs requiring grad
-    (benchmarks/NOTES.md)."""
+    (benchmarks/NOTES.md). AMDIM_KERNELS_CPU_GRADIENT=backward takes the second everywhere: it
+    holds nothing from the forward to the backward (the first holds the input-sized gradients and,
+    for NCE, 128 rows of scores during the forward)."""
+    from .variants import CPU_GRADIENT_ENV, CPU_GRADIENTS, env_choice
+    if env_choice(CPU_GRADIENT_ENV, CPU_GRADIENTS) == "backward":
+        return False
     return (estimator in ("nce", "jsd") and torch.is_grad_enabled()
             and (src.requires_grad or trg.requires_grad) and not _functorch_transform())
 

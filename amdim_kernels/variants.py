@@ -33,6 +33,10 @@ BWD_VARIANTS = ("cuda", "triton", "triton_cublas")
 EPILOGUES = ("fused", "torch")
 FWD_ENV, BWD_ENV = "AMDIM_KERNELS_CUDA_FWD", "AMDIM_KERNELS_CUDA_BWD"
 EPILOGUE_ENV = "AMDIM_KERNELS_CUDA_EPILOGUE"
+# CPU: "forward" (default) forms the gradient in the forward where a backward follows (three
+# products, memory held in between), "backward" recomputes the scores there (four, none held)
+CPU_GRADIENTS = ("forward", "backward")
+CPU_GRADIENT_ENV = "AMDIM_KERNELS_CPU_GRADIENT"
 
 
 def env_choice(env: str, allowed: tuple[str, ...], value: str | None = None) -> str | None:
@@ -42,7 +46,7 @@ def env_choice(env: str, allowed: tuple[str, ...], value: str | None = None) -> 
     if not value:
         return None
     if value not in allowed:
-        raise ValueError(f"{env} must be one of {', '.join(allowed)} (or unset: chosen by size), "
+        raise ValueError(f"{env} must be one of {', '.join(allowed)} (or unset for the default), "
                          f"got {value!r}")
     return value
 

@@ -53,6 +53,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -289,8 +290,7 @@ def measure(case, cfg, part="all"):
     torch.set_num_threads(cfg["threads"])
     clock = Clock(cfg["device"])
     if cfg.get("two_pass"):   # this child process only
-        from amdim_kernels import nce
-        nce.gradient_in_forward = lambda *args: False
+        os.environ["AMDIM_KERNELS_CPU_GRADIENT"] = "backward"
     try:
         if case["variant"] == "interleaved":
             return measure_interleaved(case, cfg)
@@ -565,7 +565,7 @@ def parse_args(argv):
     p.add_argument("--fused-backend", default="auto", help="backend= of fused_nce_loss")
     p.add_argument("--two-pass", action="store_true",
                    help="cpu: the fused loss's gradient by nce_fwd + nce_bwd (four products) even where "
-                        "the forward would form it (nce.gradient_in_forward), to compare the two")
+                        "the forward would form it (AMDIM_KERNELS_CPU_GRADIENT=backward), to compare the two")
     p.add_argument("--tclip", type=parse_tclip, default=20.0, help="soft clip, or none (default 20)")
     p.add_argument("--reg-weight", type=float, default=0.05)
     p.add_argument("--estimator", choices=["nce", "jsd", "dv"], default="nce")

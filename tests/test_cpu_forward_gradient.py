@@ -18,9 +18,8 @@ FORWARD_GRAD = "ForwardGradientLossBackward"
 @pytest.fixture(params=["forward", "backward"])
 def path(request, monkeypatch):
     """"forward": the gradient formed in the forward, where it applies (the default);
-    "backward": nce_fwd + nce_bwd, forced."""
-    if request.param == "backward":
-        monkeypatch.setattr(nce, "gradient_in_forward", lambda *args: False)
+    "backward": nce_fwd + nce_bwd, forced by the user's switch AMDIM_KERNELS_CPU_GRADIENT."""
+    monkeypatch.setenv("AMDIM_KERNELS_CPU_GRADIENT", request.param)
     return request.param
 
 
@@ -112,6 +111,22 @@ def test_where_it_applies():
     torch.func.grad(lambda s: seen.append(nce.gradient_in_forward(s, trg, "nce"))
                     or ak.fused_nce_loss(s, trg, pos_idx)[0])(src)
     assert seen == [False]   # torch.func transforms take nce_fwd's autograd.Function
+
+
+def test_the_switch_to_the_backward(monkeypatch):
+    """AMDIM_KERNELS_CPU_GRADIENT=backward: nothing formed in the forward (nce_fwd's node);
+    unset or forward: the default; anything else: an error naming the variable."""
+    src, trg, pos_idx = make_inputs(9, 7, 5, 8, torch.float64)
+    node = lambda: type(ak.fused_nce_loss(src, trg, pos_idx)[0].grad_fn).__name__
+    monkeypatch.delenv("AMDIM_KERNELS_CPU_GRADIENT", raising=False)
+    assert node() == FORWARD_GRAD
+    monkeypatch.setenv("AMDIM_KERNELS_CPU_GRADIENT", "backward")
+    assert not nce.gradient_in_forward(src, trg, "nce") and node() != FORWARD_GRAD
+    monkeypatch.setenv("AMDIM_KERNELS_CPU_GRADIENT", "forward")
+    assert node() == FORWARD_GRAD
+    monkeypatch.setenv("AMDIM_KERNELS_CPU_GRADIENT", "bwd")
+    with pytest.raises(ValueError, match="AMDIM_KERNELS_CPU_GRADIENT must be one of forward, backward"):
+        node()
 
 
 @pytest.mark.parametrize("requires", ["src", "trg"])
