@@ -288,7 +288,8 @@ def test_method_evidence_runs_end_to_end(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=900)
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["datasets"]["digits"]
-    assert set(runs) == {"dim_g_jsd", "pixels"}
+    assert set(runs) == {"dim_g_jsd", "pixels", "colour histogram"}
+    assert runs["dim_g_jsd"]["train"]["cpu_s"] > 0
     assert set(runs["dim_g_jsd"]["probe"]) == {"conv", "fc", "y"}
     assert all(0 <= v["test_top1"] <= 1 for v in runs["dim_g_jsd"]["probe"].values())
     loss = result["local_loss"][0]
