@@ -181,3 +181,21 @@ def test_sample_grid(tmp_path):
     shapes.sample_grid(str(tmp_path / "g.png"), per_class=2, scale=1)
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (2 * 34, 10 * 34)
+
+
+def test_cpu_sized_defaults_for_shapes_sit_under_recipes_and_explicit_options():
+    """AMDIM on shapes trains 25 epochs at lr 2e-3 (amdim.config.DATASET_DEFAULTS, docs/shapes.md),
+    with the official schedule scaled to them; other datasets, DIM, a recipe and an explicit option
+    are unaffected; --help says so."""
+    from amdim.config import default_text, resolve
+    o = resolve({"dataset": "shapes"}).options()
+    assert (o["epochs"], o["lr"], o["lr_milestones"], o["warmup_steps"]) == (25, 2e-3, [21, 23], 500)
+    assert (o["betas"], o["weight_decay"], o["estimator"], o["augment"]) == ([0.8, 0.999], 1e-5, "nce", "amdim-cifar")
+    assert resolve({"dataset": "shapes", "lr": 3e-4, "epochs": 4}).options()["lr"] == 3e-4
+    d = resolve({}).options()
+    assert (d["dataset"], d["epochs"], d["lr"]) == ("digits", 30, 2e-4)
+    r = resolve({"recipe": "amdim-cifar10", "dataset": "shapes"}).options()
+    assert (r["epochs"], r["lr"]) == (300, 2e-4)
+    m = resolve({"method": "dim", "dataset": "shapes"}).options()
+    assert (m["epochs"], m["lr"]) == (30, 1e-4)
+    assert "25 for amdim on shapes" in default_text("epochs") and "0.002 for amdim on shapes" in default_text("lr")
