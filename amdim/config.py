@@ -173,6 +173,17 @@ DEFAULTS = {
 }
 
 
+# Defaults sized for a CPU on one built-in dataset, over the method's (a recipe or an explicit option
+# still wins). They change how long and how fast a run trains, never the method (objective,
+# architecture family, augmentation): shapes is 10000 images, and the official schedules (AMDIM's
+# lr 2e-4 over 300 epochs) would not show learning within the 10 minutes a demonstration on an idle
+# 2-core CPU should take (docs/shapes.md gives the measurements behind these numbers).
+DATASET_DEFAULTS = {
+    "amdim": {"shapes": dict(epochs=25, lr=2e-3)},
+    "dim": {},
+}
+
+
 def _fields(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
@@ -266,7 +277,9 @@ def resolve(given: dict) -> Config:
     if misplaced:
         raise ValueError(f"{', '.join(flag(k) for k in misplaced)} "
                          f"{'does' if len(misplaced) == 1 else 'do'} not apply to --method {method}")
-    layers = [dict(DEFAULTS["shared"]), dict(DEFAULTS[method]), recipe, dict(given)]
+    dataset = given.get("dataset", recipe.get("dataset", DEFAULTS["shared"]["dataset"]))
+    layers = [dict(DEFAULTS["shared"]), dict(DEFAULTS[method]), dict(DATASET_DEFAULTS[method].get(dataset, {})),
+              recipe, dict(given)]
     if method == "dim":
         for layer in layers:
             if DIM_PRESET_OPTION in layer:
@@ -396,9 +409,13 @@ def _resolve_dim(o: dict) -> None:
 
 
 def default_text(name: str) -> str:
-    """'default: ...' for an option's help: the shared default, or each method's."""
+    """'default: ...' for an option's help: the shared default or each method's, then the CPU-sized
+    ones of the built-in datasets."""
     if name in DEFAULTS["shared"]:
         v = DEFAULTS["shared"][name]
-        return f"default: {_show(v)}" if v is not None else ""
-    per = [f"{_show(DEFAULTS[m][name])} for {m}" for m in METHODS if name in DEFAULTS[m]]
-    return "default: " + ", ".join(per) if per else ""
+        text = f"default: {_show(v)}" if v is not None else ""
+    else:
+        per = [f"{_show(DEFAULTS[m][name])} for {m}" for m in METHODS if name in DEFAULTS[m]]
+        text = "default: " + ", ".join(per) if per else ""
+    on = [f"{_show(d[name])} for {m} on {ds}" for m in METHODS for ds, d in DATASET_DEFAULTS[m].items() if name in d]
+    return f"{text}; {', '.join(on)}" if on else text

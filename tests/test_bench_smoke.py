@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -288,7 +289,8 @@ def test_method_evidence_runs_end_to_end(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=900)
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["datasets"]["digits"]
-    assert set(runs) == {"dim_g_jsd", "pixels"}
+    assert set(runs) == {"dim_g_jsd", "pixels", "colour histogram"}
+    assert runs["dim_g_jsd"]["train"]["cpu_s"] > 0
     assert set(runs["dim_g_jsd"]["probe"]) == {"conv", "fc", "y"}
     assert all(0 <= v["test_top1"] <= 1 for v in runs["dim_g_jsd"]["probe"].values())
     loss = result["local_loss"][0]
@@ -299,3 +301,21 @@ def test_method_evidence_runs_end_to_end(tmp_path):
     stamp = (tmp_path / "runs" / "digits" / "dim_g_jsd" / "checkpoint.pt").stat().st_mtime_ns
     subprocess.run(cmd + ["--reuse"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert (tmp_path / "runs" / "digits" / "dim_g_jsd" / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+
+def test_method_evidence_claims_need_more_than_a_tie():
+    """An order of two probes is claimed only by more than TIE: a 0.004 lead is not "learns"."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import method_evidence as me
+    run = lambda acc, std=0.1: {"probe": {"conv": {"test_top1": acc}, "fc": {"test_top1": acc - 0.05}},
+                                "train": {"loss_std_last_epoch": std}}
+    runs = {"amdim": run(0.45), "random encoder (amdim)": run(0.13), "dim_l_jsd_dot": run(0.270, 0.06),
+            "random encoder (dim_l_jsd_dot)": run(0.266), "dim_g_jsd": run(0.267),
+            "dim_l_nce_dot": run(0.254, 0.2), "dim_l_dv_dot": run(0.2, 0.7)}
+    got = {c["claim"].split(" (")[0]: c["holds"] for c in me.claims(runs)}
+    assert got == {"local MI beats global MI for classification": False, "JSD and NCE are close": True,
+                   "DV is below JSD and NCE": True, "DV is less stable": True, "AMDIM above DIM": True,
+                   "amdim learns: above its random encoder": True,
+                   "dim_l_jsd_dot learns: above its random encoder": False}
+    h = me.colour_histogram(torch.tensor([[[[0]], [[255]], [[128]]]], dtype=torch.uint8).expand(1, 3, 2, 2))
+    assert h.shape == (1, 512) and h[0, (0 * 8 + 7) * 8 + 4] == 1.0

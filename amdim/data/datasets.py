@@ -2,8 +2,8 @@
 
 - "digits": scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes), upscaled to
   32x32 RGB; needs no download. A fixed stratified split holds out 20% for testing.
-- "shapes": 10 classes of procedurally generated 32x32 objects under position, scale, rotation,
-  colour, clutter and noise nuisances (amdim/data/shapes.py); needs no download, 10000 train / 2000
+- "shapes": 10 classes of procedurally generated 32x32 objects under scale, rotation, colour, a
+  small offset and noise nuisances (amdim/data/shapes.py); needs no download, 10000 train / 2000
   test, and a linear probe on its raw pixels is near chance, so an encoder has to learn shape.
 - "cifar10" / "cifar100": the python pickle version (directory cifar-10-batches-py / cifar-100-python),
   read by a restricted unpickler that builds only dicts, lists, strings, numbers and numpy arrays:
