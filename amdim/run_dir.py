@@ -5,8 +5,9 @@ time, and never left without the last good checkpoint.
   replaces it) or that cannot be written, takes the lock, finishes a replacement a killed trainer
   left half done, and removes temporaries of killed saves;
 - `set_aside` (--overwrite, once set-up has succeeded) moves the replaced run's files into
-  `.replaced/`; `commit` deletes them once the new run has written its first checkpoint, and
-  `release` puts them back if it never did (a failed or stopped replacement loses nothing);
+  `.replaced/`; `commit` deletes them once the new run has written its first checkpoint (an
+  end-of-epoch one), and `release` puts them back if it never did (a failed or stopped replacement
+  loses nothing);
 - `release` drops the lock; the lock file stays (unlinking it would let a process that opened it
   earlier lock a deleted file while a third creates a new one), except in a directory this
   process created and left empty, which is removed.
@@ -135,28 +136,48 @@ def _move(src_dir: str, dst_dir: str, names) -> None:
             os.replace(src, dst)
 
 
-def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> None:
+def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> bool:
     """With `overwrite` (set-up having succeeded), move the earlier run's files into .replaced/ (also
     when this run resumes from a checkpoint elsewhere; a resume in place keeps its files). They are
-    gathered in .replacing/ and that is renamed: .replaced/ exists only once it holds them all."""
+    gathered in .replacing/ and that is renamed: .replaced/ exists only once it holds them all; a
+    move that fails puts back what it moved. Returns whether a run was set aside."""
     if rank != 0 or not overwrite or resumes_in_place(out, resume):
-        return
+        return False
     if not any(os.path.lexists(os.path.join(out, f)) for f in RUN_FILES):
-        return
+        return False
     staging, aside = os.path.join(out, REPLACING), os.path.join(out, REPLACED)
     for d in (staging, aside):
         if os.path.lexists(d):
             shutil.rmtree(d)
     os.mkdir(staging)
-    _move(out, staging, RUN_FILES)
-    os.replace(staging, aside)
+    try:
+        _move(out, staging, RUN_FILES)
+        os.replace(staging, aside)
+    except OSError:
+        _move(staging, out, os.listdir(staging))
+        os.rmdir(staging)
+        raise
+    if os.path.realpath(out) in _HELD:
+        _HELD[os.path.realpath(out)]["replacing"] = True
+    return True
 
 
 def commit(out: str) -> None:
-    """The new run has written a checkpoint: the replaced run's files go."""
+    """The new run has written a checkpoint: the replaced run's files go. The replacement is over
+    even if some cannot be removed (they are named; the next run in `out` tries again): they are
+    never put back over the new run."""
+    held = _HELD.get(os.path.realpath(out))
+    if held is not None:
+        held["replacing"] = False
     aside = os.path.join(out, REPLACED)
-    if os.path.isdir(aside):
-        shutil.rmtree(aside, ignore_errors=True)
+    if not os.path.isdir(aside):
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    left = [os.path.join(root, f) for root, _, files in os.walk(aside) for f in files]
+    if os.path.lexists(aside):
+        print(f"amdim.train: could not remove the files of the run --overwrite replaced: "
+              f"{', '.join(left[:3]) or aside}{' ...' if len(left) > 3 else ''}; the new run is complete. "
+              f"Remove {aside!r} by hand (the next run in this directory tries again)", file=sys.stderr, flush=True)
 
 
 def restore(out: str) -> bool:
@@ -204,13 +225,13 @@ def _finish_interrupted_replacement(out: str) -> None:
 
 
 def release(out: str) -> None:
-    """Release the lock. A replaced run whose replacement wrote no checkpoint is put back; a directory
-    this process created and that holds nothing but the lock file is removed."""
+    """Release the lock. A replaced run whose replacement wrote no checkpoint (no `commit`) is put
+    back; a directory this process created and that holds nothing but the lock file is removed."""
     held = _HELD.pop(os.path.realpath(out), None)
     if held is None:
         return
     try:
-        if restore(out):
+        if held.get("replacing") and restore(out):
             print(f"amdim.train: no checkpoint was written; the run that --overwrite was replacing is "
                   f"restored in {out!r}", file=sys.stderr, flush=True)
     finally:

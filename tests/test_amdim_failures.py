@@ -2,6 +2,7 @@
 replacement that never finishes, an out dir the user made, a lock raced for, a missing package, a
 dataset that changed. In each case the last good checkpoint survives, nothing is left that a later
 command misreads, and the message names what to do."""
+import errno
 import json
 import os
 import resource
@@ -159,6 +160,30 @@ def test_a_finished_replacement_removes_the_old_run(one_epoch, tmp_path):
     assert checkpoint.load(str(out / checkpoint.CHECKPOINT))["args"]["seed"] == 4
     assert [r["global_step"] for r in _lines(out / METRICS)] == [1, 1]    # this run's step and epoch
     assert not (out / "tb").exists() and not (out / run_dir.REPLACED).exists()
+
+
+def test_a_replacement_whose_clean_up_fails_keeps_the_new_run(one_epoch, tmp_path, monkeypatch, capsys):
+    """A replaced run's file that cannot be removed (an NFS .nfsXXXX file of an open TensorBoard event
+    file) leaves .replaced/ behind: the new run, complete, is kept and the leftover named; it was once
+    taken for "no checkpoint written" and both runs were deleted."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+    (out / "tb").mkdir()
+    (out / "tb" / "events.old").write_text("old events")
+    real = os.unlink
+
+    def stubborn(path, *a, **kw):
+        if os.path.basename(path) == "events.old":
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(os, "unlink", stubborn)
+    _run(out, "--epochs", "1", "--steps-per-epoch", "1", "--overwrite", "--seed", "4")
+    err = capsys.readouterr().err
+    assert checkpoint.load(str(out / checkpoint.CHECKPOINT))["args"]["seed"] == 4
+    assert [r["global_step"] for r in _lines(out / METRICS)] == [1, 1]
+    assert "restored" not in err and "could not remove" in err and "events.old" in err, err
+    monkeypatch.undo()                                      # the next run in the directory finishes it
+    _run(out, "--epochs", "2", "--steps-per-epoch", "1", "--seed", "4", "--resume", str(out / checkpoint.CHECKPOINT))
+    assert not (out / run_dir.REPLACED).exists() and checkpoint.load(str(out / checkpoint.CHECKPOINT))["epoch"] == 2
 
 
 def test_a_set_aside_killed_midway_is_undone_by_the_next_run(one_epoch, tmp_path):
