@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -140,6 +141,32 @@ def test_a_replacement_that_stops_before_its_first_checkpoint_restores_the_old_r
     assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
     assert (out / METRICS).read_bytes() == one_epoch[2]
     assert (out / "tb" / "events.old").read_text() == "old events" and not (out / run_dir.REPLACED).exists()
+
+
+def test_a_replacement_stopped_by_a_signal_in_its_first_epoch_restores_the_old_run(one_epoch, tmp_path,
+                                                                                    monkeypatch):
+    """Ctrl-C in the first epoch of an --overwrite run: the save at the step boundary would be the new
+    run's first checkpoint and delete the replaced run for a few steps of the new one. Nothing is
+    saved, the old run comes back, and the message gives the command that starts the new run again."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+    real = train.make_step
+
+    def make_step(cfg):
+        step, calls = real(cfg), []
+
+        def interrupted(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(*a, **k)
+        return interrupted
+    monkeypatch.setattr(train, "make_step", make_step)
+    with pytest.raises(train.Stop) as stop:
+        _run(out, "--epochs", "1", "--steps-per-epoch", "4", "--overwrite", "--seed", "4")
+    assert stop.value.code == 128 + signal.SIGINT
+    assert "run it again with: python -m amdim.train" in str(stop.value) and "--overwrite" in str(stop.value)
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+    assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACED).exists()
 
 
 def test_a_replacement_killed_before_its_first_checkpoint_is_undone_by_the_next_run(one_epoch, tmp_path):
