@@ -15,8 +15,9 @@ import os
 import torch.distributed as dist
 
 # Options each rank may set for itself: its device, where rank 0 writes (and the per-node paths to
-# the same checkpoint and data: their contents are compared instead), what it prints.
-PER_RANK = ("device", "out_dir", "resume", "data_path", "log_every", "no_progress")
+# the same checkpoint and data: their contents are compared instead), whether it shows a progress
+# bar. Not --log-every: it decides when rank 0 writes a record, which every rank waits on.
+PER_RANK = ("device", "out_dir", "resume", "data_path", "no_progress")
 
 
 def differences(values: dict, world: int) -> list[str]:

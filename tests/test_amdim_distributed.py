@@ -135,15 +135,16 @@ TRAIN_TINY = ["--ndf", "4", "--n-rkhs", "16", "--steps-per-epoch", "1", "--no-ev
 
 def test_ranks_started_with_different_options_stop_naming_them(tmp_path):
     """A per-node typo (--epochs 1 on one rank and 2 on the other would hang both until the collective
-    timeout; --batch-size would abort inside gloo; --lr would train each rank to other weights) stops
-    every rank before set-up, each naming the options and the code that differ."""
+    timeout; --batch-size would abort inside gloo; --lr would train each rank to other weights;
+    --log-every decides when rank 0 writes a record, which every rank waits on) stops every rank
+    before set-up, each naming the options and the code that differ."""
     out = ["--out-dir", str(tmp_path / "run")]
-    argvs = [TRAIN_TINY + out + ["--epochs", "1", "--batch-size", "32", "--lr", "1e-3"],
-             TRAIN_TINY + out + ["--epochs", "2", "--batch-size", "16", "--lr", "2e-3"]]
+    argvs = [TRAIN_TINY + out + ["--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--log-every", "1"],
+             TRAIN_TINY + out + ["--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--log-every", "2"]]
     messages = _spawn_train(tmp_path, argvs, patch_code=True)
     assert messages[0] == messages[1]
     for part in ["--batch-size (rank 0: 32, rank 1: 16)", "--epochs (rank 0: 1, rank 1: 2)",
-                 "--lr (rank 0: 0.001, rank 1: 0.002)", "the code (amdim, amdim_kernels, torch)"]:
+                 "--lr (rank 0: 0.001, rank 1: 0.002)", "--log-every (rank 0: 1, rank 1: 2)", "the code (amdim, amdim_kernels, torch)"]:
         assert part in messages[0], messages[0]
     assert messages[0].startswith("error: the 2 processes must be started with the same options")
     assert not (tmp_path / "run").exists()                  # stopped before anything was created
