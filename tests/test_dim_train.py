@@ -36,6 +36,17 @@ def test_short_dim_training_raises_its_mi_estimate(tmp_path, extra):
     assert ck["arch"]["method"] == "dim" and ck["args"]["estimator"] == args["estimator"]
 
 
+@pytest.mark.parametrize("extra, term", [(["--global-arch", "concat"], "mi_local"),
+                                         (["--dim-preset", "G", "--local-arch", "concat"], "mi_global")])
+def test_the_arch_of_a_term_that_is_off_does_not_stop_the_run(tmp_path, extra, term):
+    """DIM(L) builds no global critic, so --global-arch has nothing to build; the objective demanded
+    it of the model anyway and stopped the first step."""
+    summary, _ = _run(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "1", *extra)
+    assert len(summary["losses"]) == 1
+    with open(tmp_path / "run" / METRICS) as f:
+        assert term in json.loads(f.readline())
+
+
 def test_presets_fill_the_weights_and_explicit_values_win(tmp_path):
     _, args = _run(tmp_path / "l", "--epochs", "1", "--steps-per-epoch", "1")
     assert (args["alpha"], args["beta"], args["gamma"], args["estimator"]) == (0.0, 1.0, 0.1, "jsd")
