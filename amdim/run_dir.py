@@ -18,6 +18,7 @@ import fcntl
 import os
 import shutil
 import sys
+import threading
 
 from .checkpoint import CHECKPOINT, remove_stale_temporaries
 from .metrics import METRICS
@@ -29,7 +30,8 @@ RESTORING = ".restoring"     # a marker inside .replaced: the replacing run's fi
 TENSORBOARD = "tb"
 RUN_FILES = (CHECKPOINT, METRICS, TENSORBOARD)   # what a run writes; a replacement moves them all
 
-_HELD = {}   # real path of an out dir -> {"lock": open lock file, "created": [dirs this process made]}
+_HELD = {}   # real path of an out dir -> {"lock": open lock file, "created": [dirs this process made],
+#              "thread": the thread whose run holds it, "replacing": a run is set aside}
 
 
 def resumes_in_place(out: str, resume: str | None) -> bool:
@@ -49,7 +51,7 @@ def prepare(out: str, resume: str | None, overwrite: bool, rank: int, continue_h
     if rank == 0:
         created = _make_dirs(out)
         try:
-            probe = os.path.join(out, f".write-test{os.getpid()}")
+            probe = os.path.join(out, f".write-test{os.getpid()}-{threading.get_ident()}")
             with open(probe, "w") as f:
                 f.write("ok")
             os.remove(probe)
@@ -95,9 +97,6 @@ def _lock(out: str, created: list[str]) -> None:
     """One trainer per out dir: an flock the OS releases when the process ends, however it ends.
     After locking, the lock file must still be the one at the path (another process may have
     removed it, with its directory, between our open and our flock): otherwise lock again."""
-    key = os.path.realpath(out)
-    if key in _HELD:
-        return
     path = os.path.join(out, LOCK)
     for _ in range(100):
         os.makedirs(out, exist_ok=True)
@@ -108,6 +107,8 @@ def _lock(out: str, created: list[str]) -> None:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
+            if holder == f"pid {os.getpid()}":
+                holder += ": this process, in another thread"
             raise ValueError(f"--out-dir {out!r} is in use by a running amdim.train ({holder}): wait for "
                              f"it, or pick another --out-dir") from None
         try:
@@ -123,7 +124,7 @@ def _lock(out: str, created: list[str]) -> None:
     f.truncate()
     f.write(f"pid {os.getpid()}")
     f.flush()
-    _HELD[key] = {"lock": f, "created": created, "out": out}
+    _HELD[os.path.realpath(out)] = {"lock": f, "created": created, "thread": threading.get_ident()}
 
 
 def _move(src_dir: str, dst_dir: str, names) -> None:
@@ -227,9 +228,11 @@ def _finish_interrupted_replacement(out: str) -> None:
 def release(out: str) -> None:
     """Release the lock. A replaced run whose replacement wrote no checkpoint (no `commit`) is put
     back; a directory this process created and that holds nothing but the lock file is removed."""
-    held = _HELD.pop(os.path.realpath(out), None)
-    if held is None:
+    key = os.path.realpath(out)
+    held = _HELD.get(key)
+    if held is None or held["thread"] != threading.get_ident():   # (another thread's run holds it)
         return
+    del _HELD[key]
     try:
         if held.get("replacing") and restore(out):
             print(f"amdim.train: no checkpoint was written; the run that --overwrite was replacing is "

@@ -337,6 +337,33 @@ def test_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
         run_dir.release(str(out))
 
 
+def test_a_second_run_in_the_same_process_is_refused(tmp_path):
+    """Two train.run calls (threads) on one --out-dir: the second took no lock and both trained into
+    it. It is refused like another process's run, and leaves the holder's lock alone."""
+    import fcntl
+    import threading
+    out = tmp_path / "run"
+    held, done = threading.Event(), threading.Event()
+
+    def holder():   # another thread's run
+        run_dir.prepare(str(out), None, False, 0)
+        held.set()
+        done.wait(60)
+        run_dir.release(str(out))
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        held.wait(60)
+        with pytest.raises(SystemExit, match=f"in use by a running amdim.train .pid {os.getpid()}"):
+            _run(out, "--epochs", "1", "--steps-per-epoch", "1")
+        assert not (out / METRICS).exists()
+        with open(out / ".lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)      # still held
+    finally:
+        done.set()
+        t.join()
+
+
 # -- data ---------------------------------------------------------------------------------------------
 
 def test_folder_without_pillow_says_what_to_install(tmp_path, monkeypatch):
