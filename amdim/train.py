@@ -641,7 +641,7 @@ def run(args) -> dict:
             if rank == 0:
                 print(f"amdim.train: {cfg.run.resume} has already trained {r.start_epoch} epoch(s) and "
                       f"--epochs is {epochs}: nothing to do. To train further: "
-                      f"{command(cfg.options(), out_dir, r.ck_path, epochs=2 * r.start_epoch)} (any --epochs "
+                      f"{command(cfg.options(), out_dir, cfg.run.resume, epochs=2 * r.start_epoch)} (any --epochs "
                       f"above {r.start_epoch})", file=sys.stderr, flush=True)
             return {"losses": [], "epochs": [], "checkpoint": r.ck_path, "config": cfg}
         _collective(where, lambda: begin(r))

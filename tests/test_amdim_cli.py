@@ -121,6 +121,18 @@ def test_a_run_from_another_thread_trains_without_signal_handlers(tmp_path, caps
     assert checkpoint.load(str(tmp_path / "run" / checkpoint.CHECKPOINT))["epoch"] == 1
 
 
+def test_the_nothing_to_do_hint_resumes_from_the_checkpoint_given(trained, tmp_path, capsys):
+    """--resume of a finished run into a new --out-dir: the printed command to train further names
+    that checkpoint (it named the new directory's, which does not exist)."""
+    import shlex
+    _run(tmp_path / "new", "--epochs", "1", "--steps-per-epoch", "1", "--no-progress", "--resume", str(trained))
+    err = capsys.readouterr().err
+    cmd = err[err.index("To train further: ") + len("To train further: "):].split(" (any --epochs")[0]
+    assert f"--resume {trained}" in cmd
+    train.run(train.build_parser().parse_args(shlex.split(cmd)[3:]))
+    assert checkpoint.load(str(tmp_path / "new" / checkpoint.CHECKPOINT))["epoch"] == 2
+
+
 # -- mixed precision on the CPU -----------------------------------------------------------------------
 
 def _conv_output_dtypes(monkeypatch):
