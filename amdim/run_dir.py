@@ -45,8 +45,9 @@ def _held_files(out: str) -> list[str]:
 
 def prepare(out: str, resume: str | None, overwrite: bool, rank: int, continue_hint=None) -> str:
     """Check `out` before any training: writable, and not holding another run unless `resume`
-    continues that run or `overwrite` replaces it. Rank 0 creates and locks it. Returns the
-    checkpoint path. `continue_hint(ck_path)` gives the command that continues a held run."""
+    continues that run or `overwrite` replaces it. Rank 0, the one that writes it, creates, locks
+    and checks it (the other ranks' --resume may be their nodes' copies of the checkpoint). Returns
+    the checkpoint path. `continue_hint(ck_path)` gives the command that continues a held run."""
     ck_path = os.path.join(out, CHECKPOINT)
     if rank == 0:
         created = _make_dirs(out)
@@ -61,13 +62,14 @@ def prepare(out: str, resume: str | None, overwrite: bool, rank: int, continue_h
             raise ValueError(f"--out-dir {out!r} is not a writable directory ({e.strerror or e})") from None
         _finish_interrupted_replacement(out)
         remove_stale_temporaries(out)
-    held = _held_files(out)
-    if held and not overwrite and not resumes_in_place(out, resume):
-        cont = ""
-        if CHECKPOINT in held:
-            cont = (continue_hint(ck_path) if continue_hint else f"pass --resume {ck_path} to continue it") + "; "
-        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): {cont}pass "
-                         f"--overwrite to replace it, or another --out-dir")
+        held = _held_files(out)
+        if held and not overwrite and not resumes_in_place(out, resume):
+            cont = ""
+            if CHECKPOINT in held:
+                cont = continue_hint(ck_path) if continue_hint else f"pass --resume {ck_path} to continue it"
+                cont += "; "
+            raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): {cont}pass "
+                             f"--overwrite to replace it, or another --out-dir")
     return ck_path
 
 
