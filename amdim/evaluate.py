@@ -50,6 +50,25 @@ def encode(model, imageset, size, device, policy) -> dict:
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
+@torch.no_grad()
+def representations(model, imageset, size, device, policy) -> list[str]:
+    """The names of model.probe_features, from one forward of two images (so that --layer is checked
+    before the whole set is encoded)."""
+    was_training = model.training
+    model.eval()
+    x, _ = next(image_batches(imageset, size, device, policy, batch=2))
+    names = list(model.probe_features(x))
+    model.train(was_training)
+    return names
+
+
+def check_layers(layers, names) -> None:
+    unknown = [n for n in layers or () if n not in names]
+    if unknown:
+        raise ValueError(f"--layer {', '.join(map(repr, unknown))}: not a representation of this model "
+                         f"(it has {', '.join(names)})")
+
+
 def pixels(imageset, size, policy) -> torch.Tensor:
     return torch.cat([x.flatten(1) for x, _ in image_batches(imageset, size, "cpu", policy, batch=512)])
 
@@ -120,6 +139,7 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
     dev = pick_device(device, 0)
     labeled = ds.train_labeled
     if features == "pixels":
+        check_layers(layers, ["pixels"])
         tr, te = {"pixels": pixels(labeled, size, policy)}, {"pixels": pixels(ds.test, size, policy)}
     else:
         torch.manual_seed(seed)
@@ -129,15 +149,12 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
         else:   # a random encoder still sees normalised inputs, like the trained one
             norm = {k: v for k, v in ck["model"].items() if k.startswith("normalize.")}
             model.load_state_dict(norm, strict=False)
+        check_layers(layers, representations(model, labeled, size, dev, policy))
         tr, te = encode(model, labeled, size, dev, policy), encode(model, ds.test, size, dev, policy)
         bad = [n for n in tr if not (torch.isfinite(tr[n]).all() and torch.isfinite(te[n]).all())]
         if bad:
             raise ValueError(f"--checkpoint {checkpoint_path!r} gives non-finite {', '.join(bad)} features "
                              f"(its weights diverged): nothing to probe")
-    unknown = [n for n in layers or () if n not in tr]
-    if unknown:
-        raise ValueError(f"--layer {', '.join(map(repr, unknown))}: not a representation of this model "
-                         f"(its are {', '.join(tr)})")
     names = list(tr) if layers is None else list(dict.fromkeys(layers))
     train_y, test_y = torch.from_numpy(labeled.labels), torch.from_numpy(ds.test.labels)
     results = {}

@@ -208,9 +208,12 @@ def test_evaluate_writes_json_atomically(trained, tmp_path, monkeypatch, capsys)
     assert target.read_text() == '{"earlier": true}\n' and os.listdir(tmp_path) == ["r.json"]
 
 
-def test_evaluate_refuses_an_unknown_layer(trained):
-    with pytest.raises(ValueError, match="--layer 'bogus': not a representation of this model .its are r1"):
+def test_evaluate_refuses_an_unknown_layer(trained, monkeypatch):
+    real = evaluate.encode
+    monkeypatch.setattr(evaluate, "encode", lambda *a: pytest.fail("the images were encoded before --layer was checked"))
+    with pytest.raises(ValueError, match="--layer 'bogus': not a representation of this model .it has r1.$"):
         evaluate.evaluate(str(trained), layers=["r1", "bogus"])
+    monkeypatch.setattr(evaluate, "encode", real)
     with pytest.raises(SystemExit, match="--layer 'bogus'"):
         evaluate.main(["--checkpoint", str(trained), "--layer", "r1", "--layer", "bogus"])
     assert list(evaluate.evaluate(str(trained), layers=["r1", "r1"])["layers"]) == ["r1"]
