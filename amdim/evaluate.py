@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, run_dir
 from .config import SEED_MAX, seed_arg
 from .data import augment, datasets as data
 from .distributed import pick_device
+from .metrics import METRICS
 
 FEATURES = ("trained", "random", "pixels")
 RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)   # times the number of training rows
@@ -169,7 +170,7 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
 
 def check_json_path(path: str, checkpoint_path: str) -> None:
     """--json is checked before the probe: a path that cannot take the result fails now, not after it,
-    and the checkpoint itself is never overwritten."""
+    and neither the checkpoint nor another file of a run directory is ever overwritten."""
     full = os.path.abspath(path)
     if os.path.isdir(full):
         raise ValueError(f"--json {path!r} is a directory: name a file")
@@ -177,6 +178,10 @@ def check_json_path(path: str, checkpoint_path: str) -> None:
         raise ValueError(f"--json {path!r}: its directory does not exist")
     if os.path.exists(full) and os.path.exists(checkpoint_path) and os.path.samefile(full, checkpoint_path):
         raise ValueError(f"--json {path!r} is the checkpoint itself: name another file")
+    d, name = os.path.split(full)
+    if ((name.startswith(checkpoint.CHECKPOINT) or name in (METRICS, run_dir.LOCK))
+            and any(os.path.exists(os.path.join(d, f)) for f in (checkpoint.CHECKPOINT, METRICS))):
+        raise ValueError(f"--json {path!r} is a file of the run in {d!r}: name another file")
     if os.path.exists(full) and not os.access(full, os.W_OK):
         raise ValueError(f"--json {path!r} exists and is not writable")
     if not os.access(os.path.dirname(full), os.W_OK):

@@ -181,14 +181,15 @@ def test_evaluate_refuses_a_json_path_before_the_probe(trained, tmp_path, no_pro
     read_only.write_text("{}")
     read_only.chmod(0o444)
     cases = [(tmp_path, "is a directory"), (tmp_path / "missing" / "r.json", "its directory does not exist"),
-             (trained, "is the checkpoint itself")]
+             (trained, "is the checkpoint itself"), (trained.parent / "metrics.jsonl", "is a file of the run in"),
+             (trained.parent / ".lock", "is a file of the run in")]
     if not os.access(read_only, os.W_OK):   # (root writes anyway)
         cases.append((read_only, "exists and is not writable"))
-    before = trained.read_bytes()
+    before = [trained.read_bytes(), (trained.parent / "metrics.jsonl").read_bytes()]
     for path, why in cases:
         with pytest.raises(SystemExit, match=f"error: --json .*{why}"):
             evaluate.main(["--checkpoint", str(trained), "--json", str(path)])
-    assert trained.read_bytes() == before
+    assert [trained.read_bytes(), (trained.parent / "metrics.jsonl").read_bytes()] == before
 
 
 def test_evaluate_writes_json_atomically(trained, tmp_path, monkeypatch, capsys):
@@ -210,7 +211,7 @@ def test_evaluate_writes_json_atomically(trained, tmp_path, monkeypatch, capsys)
 
 def test_evaluate_refuses_an_unknown_layer(trained, monkeypatch):
     real = evaluate.encode
-    monkeypatch.setattr(evaluate, "encode", lambda *a: pytest.fail("the images were encoded before --layer was checked"))
+    monkeypatch.setattr(evaluate, "encode", lambda *a: pytest.fail("images encoded before --layer was checked"))
     with pytest.raises(ValueError, match="--layer 'bogus': not a representation of this model .it has r1.$"):
         evaluate.evaluate(str(trained), layers=["r1", "bogus"])
     monkeypatch.setattr(evaluate, "encode", real)
