@@ -143,7 +143,7 @@ def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> bool:
     """With `overwrite` (set-up having succeeded), move the earlier run's files into .replaced/ (also
     when this run resumes from a checkpoint elsewhere; a resume in place keeps its files). They are
     gathered in .replacing/ and that is renamed: .replaced/ exists only once it holds them all; a
-    move that fails puts back what it moved. Returns whether a run was set aside."""
+    move that fails or is interrupted puts back what it moved. Returns whether a run was set aside."""
     if rank != 0 or not overwrite or resumes_in_place(out, resume):
         return False
     if not any(os.path.lexists(os.path.join(out, f)) for f in RUN_FILES):
@@ -156,7 +156,7 @@ def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> bool:
     try:
         _move(out, staging, RUN_FILES)
         os.replace(staging, aside)
-    except OSError:
+    except BaseException:   # a failed move, or Ctrl-C before the trainer's signal handlers
         _move(staging, out, os.listdir(staging))
         os.rmdir(staging)
         raise

@@ -213,18 +213,24 @@ def test_a_replacement_whose_clean_up_fails_keeps_the_new_run(one_epoch, tmp_pat
     assert not (out / run_dir.REPLACED).exists() and checkpoint.load(str(out / checkpoint.CHECKPOINT))["epoch"] == 2
 
 
-def test_a_set_aside_that_fails_midway_puts_the_files_back(one_epoch, tmp_path, monkeypatch):
-    """A file of the old run that cannot be moved (immutable, EPERM) after the checkpoint was: the
-    run stops with the error and the checkpoint is back in place, not hidden in .replacing/."""
+@pytest.mark.parametrize("error, stop", [
+    (PermissionError(errno.EPERM, "Operation not permitted"), (SystemExit, "metrics.jsonl: Operation not permitted")),
+    (KeyboardInterrupt(), (KeyboardInterrupt, None)),        # Ctrl-C before the signal handlers
+])
+def test_a_set_aside_that_fails_midway_puts_the_files_back(one_epoch, tmp_path, monkeypatch, error, stop):
+    """A file of the old run that cannot be moved (immutable, EPERM), or Ctrl-C, after the checkpoint
+    was moved: the run stops and the checkpoint is back in place, not hidden in .replacing/."""
     out = _copy_run(one_epoch, tmp_path / "run")
     real = os.replace
 
     def stuck(src, dst, *a, **k):
         if str(src).endswith(METRICS) and run_dir.REPLACING in str(dst):
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+            if isinstance(error, OSError):
+                error.filename = str(src)
+            raise error
         return real(src, dst, *a, **k)
     monkeypatch.setattr(os, "replace", stuck)
-    with pytest.raises(SystemExit, match="metrics.jsonl: Operation not permitted"):
+    with pytest.raises(stop[0], match=stop[1]):
         _run(out, "--epochs", "1", "--steps-per-epoch", "1", "--overwrite")
     assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
     assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACING).exists()
