@@ -86,7 +86,7 @@ def test_evaluate_probes_the_three_dim_representations(tmp_path):
     assert res["layers"]["y"]["feature_dim"] == 16 and res["layer"] == "conv"
     only_y = evaluate.evaluate(ck, "random", layers=["y"])
     assert set(only_y["layers"]) == {"y"}
-    with pytest.raises(ValueError, match="--layer .r1.: not a representation of this model .its are conv, fc, y"):
+    with pytest.raises(ValueError, match="--layer .r1.: not a representation of this model .it has conv, fc, y"):
         evaluate.evaluate(ck, layers=["r1"])
 
 
