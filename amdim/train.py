@@ -559,8 +559,8 @@ def _signal_stop(run: Run, stop_signal: dict, where: str, finished: bool) -> Sto
 
 def train(run: Run) -> dict:
     """The epochs from the resumed position on; a checkpoint after each; signals stop at a step
-    boundary or after an epoch's checkpoint (the last one's too: the run then ends with the signal's
-    exit code, its checkpoint complete)."""
+    boundary (saving, except in a replacement's first epoch) or after an epoch's checkpoint (the
+    last one's too: the run then ends with the signal's exit code, its checkpoint complete)."""
     summary = {"losses": [], "epochs": [], "checkpoint": run.ck_path}
     stop_signal = {"sig": None}
 
