@@ -180,3 +180,18 @@ def test_ranks_may_resume_from_per_node_copies_of_the_checkpoint(tmp_path):
     common = TRAIN_TINY + ["--out-dir", str(run), "--epochs", "2"]
     assert _spawn_train(tmp_path, [common + ["--resume", str(ck)], common + ["--resume", str(copy)]]) == ["ok", "ok"]
     assert checkpoint.load(str(ck))["epoch"] == 2
+
+
+def test_the_code_digest_covers_the_cpp_sources(tmp_path, monkeypatch):
+    """Nodes whose C++ kernels differ compute different things: csrc/ is part of the code compared."""
+    import shutil
+
+    from amdim import agreement
+    from amdim_kernels import _extension
+    src = tmp_path / "csrc"
+    shutil.copytree(_extension.source_dir(), src)
+    monkeypatch.setattr(_extension, "source_dir", lambda: str(src))
+    before = agreement.code_digest()
+    with open(src / "nce.cpp", "a") as f:
+        f.write("// another build\n")
+    assert agreement.code_digest() != before
