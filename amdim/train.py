@@ -622,6 +622,7 @@ def run(args) -> dict:
     where = torch.device(f"cuda:{local_rank}") if world > 1 and torch.cuda.is_available() else torch.device("cpu")
     if where.type == "cuda":
         torch.cuda.set_device(where)
+    together = False   # every rank leaves at once (the end, or a stop raised on each alike)
     try:
         cfg = _collective(where, lambda: args if isinstance(args, Config) else resolve(given_options(args)))
         if world > 1:
@@ -643,6 +644,7 @@ def run(args) -> dict:
                       f"--epochs is {epochs}: nothing to do. To train further: "
                       f"{command(cfg.options(), out_dir, cfg.run.resume, epochs=2 * r.start_epoch)} (any --epochs "
                       f"above {r.start_epoch})", file=sys.stderr, flush=True)
+            together = True
             return {"losses": [], "epochs": [], "checkpoint": r.ck_path, "config": cfg}
         _collective(where, lambda: begin(r))
         r.replacing = agree(r.replacing, r.device)   # (rank 0's): every rank must take the same path on a signal
@@ -654,15 +656,19 @@ def run(args) -> dict:
                   f"{os.path.join(out_dir, METRICS)}\nLinear probe of the trained encoder: "
                   f"{shlex.join(['python', '-m', 'amdim.evaluate', '--checkpoint', os.path.abspath(r.ck_path)])}",
                   file=sys.stderr, flush=True)
-        if world > 1:
-            # tearing gloo down while a peer still finishes its last collective can abort the
-            # process ("terminate called without an active exception"): leave together
-            dist.barrier()
+        together = True
         return summary
+    except (SystemExit, Stop):   # set-up errors (_collective) and stops are raised on every rank
+        together = True
+        raise
     finally:
         if out_dir:
             run_dir.release(out_dir)
         if world > 1:
+            if together:
+                # tearing gloo down while a peer still finishes its last collective can abort the
+                # process ("terminate called without an active exception"): leave together
+                dist.barrier()
             dist.destroy_process_group()
 
 
