@@ -15,8 +15,9 @@ import os
 import torch.distributed as dist
 
 # Options each rank may set for itself: its device, where rank 0 writes (and the per-node paths to
-# the same checkpoint and data: their contents are compared instead), what it prints.
-PER_RANK = ("device", "out_dir", "resume", "data_path", "log_every", "no_progress")
+# the same checkpoint and data: their contents are compared instead), whether it shows a progress
+# bar. Not --log-every: it decides when rank 0 writes a record, which every rank waits on.
+PER_RANK = ("device", "out_dir", "resume", "data_path", "no_progress")
 
 
 def differences(values: dict, world: int) -> list[str]:
@@ -45,18 +46,25 @@ def option_values(options: dict) -> dict:
 
 
 def code_digest() -> str:
-    """SHA-256 of the Python sources of amdim and amdim_kernels (and torch's version): ranks running
-    different code would compute different things."""
+    """SHA-256 of the sources of amdim and amdim_kernels (Python, and csrc/'s C++ and CUDA) and
+    torch's version: ranks running different code would compute different things."""
     import torch
 
     import amdim_kernels
+    from amdim_kernels import _extension
+    trees = [(d, (".py",)) for d in (os.path.dirname(os.path.abspath(__file__)),
+                                     os.path.dirname(os.path.abspath(amdim_kernels.__file__)))]
+    try:   # inside the installed package or beside it: named csrc/ either way
+        trees.append((_extension.source_dir(), (".cpp", ".h", ".cu", ".cuh")))
+    except _extension.BuildError:
+        pass
     h = hashlib.sha256(torch.__version__.encode())
-    for pkg in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(amdim_kernels.__file__))):
-        for root, dirs, files in os.walk(pkg):
+    for top, suffixes in trees:
+        for root, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for name in sorted(f for f in files if f.endswith(".py")):
+            for name in sorted(f for f in files if f.endswith(suffixes)):
                 path = os.path.join(root, name)
-                h.update(os.path.relpath(path, os.path.dirname(pkg)).encode())
+                h.update(os.path.relpath(path, os.path.dirname(top)).encode())
                 with open(path, "rb") as f:
                     h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()

@@ -174,8 +174,10 @@ class DIMObjective:
                     use_global=self.alpha > 0, use_local=self.beta > 0)
 
     def _check_model(self, core):
+        # a term that is off builds no critic: its architecture is not the model's to match
+        off = {name for name, w in (("global_arch", self.alpha), ("local_arch", self.beta)) if w == 0}
         for name, want in self.model_options().items():
-            if getattr(core, name) != want:
+            if name not in off and getattr(core, name) != want:
                 raise ValueError(f"the model was built with {name}={getattr(core, name)!r} but this "
                                  f"objective needs {name}={want!r} (DIM(..., **objective.model_options()))")
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, run_dir
 from .config import SEED_MAX, seed_arg
 from .data import augment, datasets as data
 from .distributed import pick_device
+from .metrics import METRICS
 
 FEATURES = ("trained", "random", "pixels")
 RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)   # times the number of training rows
@@ -48,6 +49,25 @@ def encode(model, imageset, size, device, policy) -> dict:
             out.setdefault(name, []).append(f.flatten(1).float().cpu())
     model.train(was_training)
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+@torch.no_grad()
+def representations(model, imageset, size, device, policy) -> list[str]:
+    """The names of model.probe_features, from one forward of two images (so that --layer is checked
+    before the whole set is encoded)."""
+    was_training = model.training
+    model.eval()
+    x, _ = next(image_batches(imageset, size, device, policy, batch=2))
+    names = list(model.probe_features(x))
+    model.train(was_training)
+    return names
+
+
+def check_layers(layers, names) -> None:
+    unknown = [n for n in layers or () if n not in names]
+    if unknown:
+        raise ValueError(f"--layer {', '.join(map(repr, unknown))}: not a representation of this model "
+                         f"(it has {', '.join(names)})")
 
 
 def pixels(imageset, size, policy) -> torch.Tensor:
@@ -120,6 +140,7 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
     dev = pick_device(device, 0)
     labeled = ds.train_labeled
     if features == "pixels":
+        check_layers(layers, ["pixels"])
         tr, te = {"pixels": pixels(labeled, size, policy)}, {"pixels": pixels(ds.test, size, policy)}
     else:
         torch.manual_seed(seed)
@@ -129,15 +150,12 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
         else:   # a random encoder still sees normalised inputs, like the trained one
             norm = {k: v for k, v in ck["model"].items() if k.startswith("normalize.")}
             model.load_state_dict(norm, strict=False)
+        check_layers(layers, representations(model, labeled, size, dev, policy))
         tr, te = encode(model, labeled, size, dev, policy), encode(model, ds.test, size, dev, policy)
         bad = [n for n in tr if not (torch.isfinite(tr[n]).all() and torch.isfinite(te[n]).all())]
         if bad:
             raise ValueError(f"--checkpoint {checkpoint_path!r} gives non-finite {', '.join(bad)} features "
                              f"(its weights diverged): nothing to probe")
-    unknown = [n for n in layers or () if n not in tr]
-    if unknown:
-        raise ValueError(f"--layer {', '.join(map(repr, unknown))}: not a representation of this model "
-                         f"(its are {', '.join(tr)})")
     names = list(tr) if layers is None else list(dict.fromkeys(layers))
     train_y, test_y = torch.from_numpy(labeled.labels), torch.from_numpy(ds.test.labels)
     results = {}
@@ -152,7 +170,7 @@ def evaluate(checkpoint_path: str, features="trained", data_path=None, device="a
 
 def check_json_path(path: str, checkpoint_path: str) -> None:
     """--json is checked before the probe: a path that cannot take the result fails now, not after it,
-    and the checkpoint itself is never overwritten."""
+    and neither the checkpoint nor another file of a run directory is ever overwritten."""
     full = os.path.abspath(path)
     if os.path.isdir(full):
         raise ValueError(f"--json {path!r} is a directory: name a file")
@@ -160,6 +178,10 @@ def check_json_path(path: str, checkpoint_path: str) -> None:
         raise ValueError(f"--json {path!r}: its directory does not exist")
     if os.path.exists(full) and os.path.exists(checkpoint_path) and os.path.samefile(full, checkpoint_path):
         raise ValueError(f"--json {path!r} is the checkpoint itself: name another file")
+    d, name = os.path.split(full)
+    if ((name.startswith(checkpoint.CHECKPOINT) or name in (METRICS, run_dir.LOCK))
+            and any(os.path.exists(os.path.join(d, f)) for f in (checkpoint.CHECKPOINT, METRICS))):
+        raise ValueError(f"--json {path!r} is a file of the run in {d!r}: name another file")
     if os.path.exists(full) and not os.access(full, os.W_OK):
         raise ValueError(f"--json {path!r} exists and is not writable")
     if not os.access(os.path.dirname(full), os.W_OK):

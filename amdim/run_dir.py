@@ -5,8 +5,9 @@ time, and never left without the last good checkpoint.
   replaces it) or that cannot be written, takes the lock, finishes a replacement a killed trainer
   left half done, and removes temporaries of killed saves;
 - `set_aside` (--overwrite, once set-up has succeeded) moves the replaced run's files into
-  `.replaced/`; `commit` deletes them once the new run has written its first checkpoint, and
-  `release` puts them back if it never did (a failed or stopped replacement loses nothing);
+  `.replaced/`; `commit` deletes them once the new run has written its first checkpoint (an
+  end-of-epoch one), and `release` puts them back if it never did (a failed or stopped replacement
+  loses nothing);
 - `release` drops the lock; the lock file stays (unlinking it would let a process that opened it
   earlier lock a deleted file while a third creates a new one), except in a directory this
   process created and left empty, which is removed.
@@ -17,6 +18,7 @@ import fcntl
 import os
 import shutil
 import sys
+import threading
 
 from .checkpoint import CHECKPOINT, remove_stale_temporaries
 from .metrics import METRICS
@@ -28,7 +30,8 @@ RESTORING = ".restoring"     # a marker inside .replaced: the replacing run's fi
 TENSORBOARD = "tb"
 RUN_FILES = (CHECKPOINT, METRICS, TENSORBOARD)   # what a run writes; a replacement moves them all
 
-_HELD = {}   # real path of an out dir -> {"lock": open lock file, "created": [dirs this process made]}
+_HELD = {}   # real path of an out dir -> {"lock": open lock file, "created": [dirs this process made],
+#              "thread": the thread whose run holds it, "replacing": a run is set aside}
 
 
 def resumes_in_place(out: str, resume: str | None) -> bool:
@@ -42,13 +45,14 @@ def _held_files(out: str) -> list[str]:
 
 def prepare(out: str, resume: str | None, overwrite: bool, rank: int, continue_hint=None) -> str:
     """Check `out` before any training: writable, and not holding another run unless `resume`
-    continues that run or `overwrite` replaces it. Rank 0 creates and locks it. Returns the
-    checkpoint path. `continue_hint(ck_path)` gives the command that continues a held run."""
+    continues that run or `overwrite` replaces it. Rank 0, the one that writes it, creates, locks
+    and checks it (the other ranks' --resume may be their nodes' copies of the checkpoint). Returns
+    the checkpoint path. `continue_hint(ck_path)` gives the command that continues a held run."""
     ck_path = os.path.join(out, CHECKPOINT)
     if rank == 0:
         created = _make_dirs(out)
         try:
-            probe = os.path.join(out, f".write-test{os.getpid()}")
+            probe = os.path.join(out, f".write-test{os.getpid()}-{threading.get_ident()}")
             with open(probe, "w") as f:
                 f.write("ok")
             os.remove(probe)
@@ -58,13 +62,14 @@ def prepare(out: str, resume: str | None, overwrite: bool, rank: int, continue_h
             raise ValueError(f"--out-dir {out!r} is not a writable directory ({e.strerror or e})") from None
         _finish_interrupted_replacement(out)
         remove_stale_temporaries(out)
-    held = _held_files(out)
-    if held and not overwrite and not resumes_in_place(out, resume):
-        cont = ""
-        if CHECKPOINT in held:
-            cont = (continue_hint(ck_path) if continue_hint else f"pass --resume {ck_path} to continue it") + "; "
-        raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): {cont}pass "
-                         f"--overwrite to replace it, or another --out-dir")
+        held = _held_files(out)
+        if held and not overwrite and not resumes_in_place(out, resume):
+            cont = ""
+            if CHECKPOINT in held:
+                cont = continue_hint(ck_path) if continue_hint else f"pass --resume {ck_path} to continue it"
+                cont += "; "
+            raise ValueError(f"--out-dir {out!r} already holds a run ({', '.join(held)}): {cont}pass "
+                             f"--overwrite to replace it, or another --out-dir")
     return ck_path
 
 
@@ -94,9 +99,6 @@ def _lock(out: str, created: list[str]) -> None:
     """One trainer per out dir: an flock the OS releases when the process ends, however it ends.
     After locking, the lock file must still be the one at the path (another process may have
     removed it, with its directory, between our open and our flock): otherwise lock again."""
-    key = os.path.realpath(out)
-    if key in _HELD:
-        return
     path = os.path.join(out, LOCK)
     for _ in range(100):
         os.makedirs(out, exist_ok=True)
@@ -107,6 +109,8 @@ def _lock(out: str, created: list[str]) -> None:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
+            if holder == f"pid {os.getpid()}":
+                holder += ": this process, in another thread"
             raise ValueError(f"--out-dir {out!r} is in use by a running amdim.train ({holder}): wait for "
                              f"it, or pick another --out-dir") from None
         try:
@@ -122,7 +126,7 @@ def _lock(out: str, created: list[str]) -> None:
     f.truncate()
     f.write(f"pid {os.getpid()}")
     f.flush()
-    _HELD[key] = {"lock": f, "created": created, "out": out}
+    _HELD[os.path.realpath(out)] = {"lock": f, "created": created, "thread": threading.get_ident()}
 
 
 def _move(src_dir: str, dst_dir: str, names) -> None:
@@ -135,28 +139,48 @@ def _move(src_dir: str, dst_dir: str, names) -> None:
             os.replace(src, dst)
 
 
-def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> None:
+def set_aside(out: str, resume: str | None, overwrite: bool, rank: int) -> bool:
     """With `overwrite` (set-up having succeeded), move the earlier run's files into .replaced/ (also
     when this run resumes from a checkpoint elsewhere; a resume in place keeps its files). They are
-    gathered in .replacing/ and that is renamed: .replaced/ exists only once it holds them all."""
+    gathered in .replacing/ and that is renamed: .replaced/ exists only once it holds them all; a
+    move that fails or is interrupted puts back what it moved. Returns whether a run was set aside."""
     if rank != 0 or not overwrite or resumes_in_place(out, resume):
-        return
+        return False
     if not any(os.path.lexists(os.path.join(out, f)) for f in RUN_FILES):
-        return
+        return False
     staging, aside = os.path.join(out, REPLACING), os.path.join(out, REPLACED)
     for d in (staging, aside):
         if os.path.lexists(d):
             shutil.rmtree(d)
     os.mkdir(staging)
-    _move(out, staging, RUN_FILES)
-    os.replace(staging, aside)
+    try:
+        _move(out, staging, RUN_FILES)
+        os.replace(staging, aside)
+    except BaseException:   # a failed move, or Ctrl-C before the trainer's signal handlers
+        _move(staging, out, os.listdir(staging))
+        os.rmdir(staging)
+        raise
+    if os.path.realpath(out) in _HELD:
+        _HELD[os.path.realpath(out)]["replacing"] = True
+    return True
 
 
 def commit(out: str) -> None:
-    """The new run has written a checkpoint: the replaced run's files go."""
+    """The new run has written a checkpoint: the replaced run's files go. The replacement is over
+    even if some cannot be removed (they are named; the next run in `out` tries again): they are
+    never put back over the new run."""
+    held = _HELD.get(os.path.realpath(out))
+    if held is not None:
+        held["replacing"] = False
     aside = os.path.join(out, REPLACED)
-    if os.path.isdir(aside):
-        shutil.rmtree(aside, ignore_errors=True)
+    if not os.path.isdir(aside):
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    left = [os.path.join(root, f) for root, _, files in os.walk(aside) for f in files]
+    if os.path.lexists(aside):
+        print(f"amdim.train: could not remove the files of the run --overwrite replaced: "
+              f"{', '.join(left[:3]) or aside}{' ...' if len(left) > 3 else ''}; the new run is complete. "
+              f"Remove {aside!r} by hand (the next run in this directory tries again)", file=sys.stderr, flush=True)
 
 
 def restore(out: str) -> bool:
@@ -204,13 +228,15 @@ def _finish_interrupted_replacement(out: str) -> None:
 
 
 def release(out: str) -> None:
-    """Release the lock. A replaced run whose replacement wrote no checkpoint is put back; a directory
-    this process created and that holds nothing but the lock file is removed."""
-    held = _HELD.pop(os.path.realpath(out), None)
-    if held is None:
+    """Release the lock. A replaced run whose replacement wrote no checkpoint (no `commit`) is put
+    back; a directory this process created and that holds nothing but the lock file is removed."""
+    key = os.path.realpath(out)
+    held = _HELD.get(key)
+    if held is None or held["thread"] != threading.get_ident():   # (another thread's run holds it)
         return
+    del _HELD[key]
     try:
-        if restore(out):
+        if held.get("replacing") and restore(out):
             print(f"amdim.train: no checkpoint was written; the run that --overwrite was replacing is "
                   f"restored in {out!r}", file=sys.stderr, flush=True)
     finally:

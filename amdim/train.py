@@ -289,7 +289,7 @@ class Run:
     start_epoch: int = 0
     start_step: int = 0
     resumed: dict | None = None      # the checkpoint resumed from (until `begin` has used it)
-    saved: bool = False              # this run has written a checkpoint
+    replacing: bool = False          # an --overwrite run before its first checkpoint (a run is set aside)
 
     def kept(self) -> str:
         return (f"the last good checkpoint is kept: {self.ck_path}" if os.path.exists(self.ck_path)
@@ -338,10 +338,10 @@ class Run:
                 "global_step": epoch * self.steps + step,
                 "training": continuation_options(self.cfg, self.steps, self.data_fingerprint),
                 "args": self.cfg.options(), "arch": self.arch, "n_classes": self.ds.n_classes})
-            if not self.saved:
+            if self.replacing:
                 run_dir.commit(self.cfg.run.out_dir)
         self.rank0_io(write, f"the checkpoint {self.ck_path}")
-        self.saved = True
+        self.replacing = False
 
     def log_record(self, record: dict, step: int) -> None:
         self.rank0_io(lambda: self.log.write(record, step), f"the metrics file {self.log.path}")
@@ -397,7 +397,7 @@ def begin(run: Run) -> None:
     sets a replaced run aside (--overwrite) and opens the metrics, cut back to a resumed position."""
     cfg = run.cfg.run
     if run.rank == 0:
-        run_dir.set_aside(cfg.out_dir, cfg.resume, cfg.overwrite, run.rank)
+        run.replacing = run_dir.set_aside(cfg.out_dir, cfg.resume, cfg.overwrite, run.rank)
         run.log = MetricsLog(cfg.out_dir, True)
         if run.resumed is not None and run_dir.resumes_in_place(cfg.out_dir, cfg.resume):
             # records written after this checkpoint (the run was killed before its next save) are redone
@@ -491,7 +491,8 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
     run.train_model.train()
     for step in range(first, run.steps):
         if agree(stop_signal["sig"] is not None, device):
-            run.save(epoch, step)
+            if not run.replacing:   # a replacement commits at an epoch's end: stopped before, the old run comes back
+                run.save(epoch, step)
             raise _signal_stop(run, stop_signal, f"epoch {epoch + 1}, step {step}", finished=False)
         lo = step * opt.batch_size + rank * local_b
         images, labels = run.ds.train.batch(order[lo:lo + local_b])
@@ -547,15 +548,19 @@ def train_one_epoch(run: Run, epoch: int, first: int, stop_signal: dict, summary
 
 def _signal_stop(run: Run, stop_signal: dict, where: str, finished: bool) -> Stop:
     sig = stop_signal["sig"] or signal.SIGTERM   # (another rank's signal)
+    name = signal.Signals(sig).name
+    if run.replacing:
+        return Stop(128 + int(sig), f"stopped by signal {name} ({where}) before this --overwrite run's first "
+                                    f"checkpoint: nothing was saved, the run it replaces is restored; "
+                                    f"{run.next_command()}")
     then = "the run is complete" if finished else run.next_command()
-    return Stop(128 + int(sig), f"stopped by signal {signal.Signals(sig).name}; saved {run.ck_path} "
-                                f"({where}); {then}")
+    return Stop(128 + int(sig), f"stopped by signal {name}; saved {run.ck_path} ({where}); {then}")
 
 
 def train(run: Run) -> dict:
     """The epochs from the resumed position on; a checkpoint after each; signals stop at a step
-    boundary or after an epoch's checkpoint (the last one's too: the run then ends with the signal's
-    exit code, its checkpoint complete)."""
+    boundary (saving, except in a replacement's first epoch) or after an epoch's checkpoint (the
+    last one's too: the run then ends with the signal's exit code, its checkpoint complete)."""
     summary = {"losses": [], "epochs": [], "checkpoint": run.ck_path}
     stop_signal = {"sig": None}
 
@@ -617,6 +622,7 @@ def run(args) -> dict:
     where = torch.device(f"cuda:{local_rank}") if world > 1 and torch.cuda.is_available() else torch.device("cpu")
     if where.type == "cuda":
         torch.cuda.set_device(where)
+    together = False   # every rank leaves at once (the end, or a stop raised on each alike)
     try:
         cfg = _collective(where, lambda: args if isinstance(args, Config) else resolve(given_options(args)))
         if world > 1:
@@ -636,10 +642,12 @@ def run(args) -> dict:
             if rank == 0:
                 print(f"amdim.train: {cfg.run.resume} has already trained {r.start_epoch} epoch(s) and "
                       f"--epochs is {epochs}: nothing to do. To train further: "
-                      f"{command(cfg.options(), out_dir, r.ck_path, epochs=2 * r.start_epoch)} (any --epochs "
+                      f"{command(cfg.options(), out_dir, cfg.run.resume, epochs=2 * r.start_epoch)} (any --epochs "
                       f"above {r.start_epoch})", file=sys.stderr, flush=True)
+            together = True
             return {"losses": [], "epochs": [], "checkpoint": r.ck_path, "config": cfg}
         _collective(where, lambda: begin(r))
+        r.replacing = agree(r.replacing, r.device)   # (rank 0's): every rank must take the same path on a signal
         wrap_ddp(r)
         summary = train(r)
         summary["config"] = cfg
@@ -648,15 +656,19 @@ def run(args) -> dict:
                   f"{os.path.join(out_dir, METRICS)}\nLinear probe of the trained encoder: "
                   f"{shlex.join(['python', '-m', 'amdim.evaluate', '--checkpoint', os.path.abspath(r.ck_path)])}",
                   file=sys.stderr, flush=True)
-        if world > 1:
-            # tearing gloo down while a peer still finishes its last collective can abort the
-            # process ("terminate called without an active exception"): leave together
-            dist.barrier()
+        together = True
         return summary
+    except (SystemExit, Stop):   # set-up errors (_collective) and stops are raised on every rank
+        together = True
+        raise
     finally:
         if out_dir:
             run_dir.release(out_dir)
         if world > 1:
+            if together:
+                # tearing gloo down while a peer still finishes its last collective can abort the
+                # process ("terminate called without an active exception"): leave together
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -121,6 +121,18 @@ def test_a_run_from_another_thread_trains_without_signal_handlers(tmp_path, caps
     assert checkpoint.load(str(tmp_path / "run" / checkpoint.CHECKPOINT))["epoch"] == 1
 
 
+def test_the_nothing_to_do_hint_resumes_from_the_checkpoint_given(trained, tmp_path, capsys):
+    """--resume of a finished run into a new --out-dir: the printed command to train further names
+    that checkpoint (it named the new directory's, which does not exist)."""
+    import shlex
+    _run(tmp_path / "new", "--epochs", "1", "--steps-per-epoch", "1", "--no-progress", "--resume", str(trained))
+    err = capsys.readouterr().err
+    cmd = err[err.index("To train further: ") + len("To train further: "):].split(" (any --epochs")[0]
+    assert f"--resume {trained}" in cmd
+    train.run(train.build_parser().parse_args(shlex.split(cmd)[3:]))
+    assert checkpoint.load(str(tmp_path / "new" / checkpoint.CHECKPOINT))["epoch"] == 2
+
+
 # -- mixed precision on the CPU -----------------------------------------------------------------------
 
 def _conv_output_dtypes(monkeypatch):
@@ -169,14 +181,15 @@ def test_evaluate_refuses_a_json_path_before_the_probe(trained, tmp_path, no_pro
     read_only.write_text("{}")
     read_only.chmod(0o444)
     cases = [(tmp_path, "is a directory"), (tmp_path / "missing" / "r.json", "its directory does not exist"),
-             (trained, "is the checkpoint itself")]
+             (trained, "is the checkpoint itself"), (trained.parent / "metrics.jsonl", "is a file of the run in"),
+             (trained.parent / ".lock", "is a file of the run in")]
     if not os.access(read_only, os.W_OK):   # (root writes anyway)
         cases.append((read_only, "exists and is not writable"))
-    before = trained.read_bytes()
+    before = [trained.read_bytes(), (trained.parent / "metrics.jsonl").read_bytes()]
     for path, why in cases:
         with pytest.raises(SystemExit, match=f"error: --json .*{why}"):
             evaluate.main(["--checkpoint", str(trained), "--json", str(path)])
-    assert trained.read_bytes() == before
+    assert [trained.read_bytes(), (trained.parent / "metrics.jsonl").read_bytes()] == before
 
 
 def test_evaluate_writes_json_atomically(trained, tmp_path, monkeypatch, capsys):
@@ -196,9 +209,12 @@ def test_evaluate_writes_json_atomically(trained, tmp_path, monkeypatch, capsys)
     assert target.read_text() == '{"earlier": true}\n' and os.listdir(tmp_path) == ["r.json"]
 
 
-def test_evaluate_refuses_an_unknown_layer(trained):
-    with pytest.raises(ValueError, match="--layer 'bogus': not a representation of this model .its are r1"):
+def test_evaluate_refuses_an_unknown_layer(trained, monkeypatch):
+    real = evaluate.encode
+    monkeypatch.setattr(evaluate, "encode", lambda *a: pytest.fail("images encoded before --layer was checked"))
+    with pytest.raises(ValueError, match="--layer 'bogus': not a representation of this model .it has r1.$"):
         evaluate.evaluate(str(trained), layers=["r1", "bogus"])
+    monkeypatch.setattr(evaluate, "encode", real)
     with pytest.raises(SystemExit, match="--layer 'bogus'"):
         evaluate.main(["--checkpoint", str(trained), "--layer", "r1", "--layer", "bogus"])
     assert list(evaluate.evaluate(str(trained), layers=["r1", "r1"])["layers"]) == ["r1"]

@@ -135,15 +135,17 @@ TRAIN_TINY = ["--ndf", "4", "--n-rkhs", "16", "--steps-per-epoch", "1", "--no-ev
 
 def test_ranks_started_with_different_options_stop_naming_them(tmp_path):
     """A per-node typo (--epochs 1 on one rank and 2 on the other would hang both until the collective
-    timeout; --batch-size would abort inside gloo; --lr would train each rank to other weights) stops
-    every rank before set-up, each naming the options and the code that differ."""
+    timeout; --batch-size would abort inside gloo; --lr would train each rank to other weights;
+    --log-every decides when rank 0 writes a record, which every rank waits on) stops every rank
+    before set-up, each naming the options and the code that differ."""
     out = ["--out-dir", str(tmp_path / "run")]
-    argvs = [TRAIN_TINY + out + ["--epochs", "1", "--batch-size", "32", "--lr", "1e-3"],
-             TRAIN_TINY + out + ["--epochs", "2", "--batch-size", "16", "--lr", "2e-3"]]
+    argvs = [TRAIN_TINY + out + ["--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--log-every", "1"],
+             TRAIN_TINY + out + ["--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--log-every", "2"]]
     messages = _spawn_train(tmp_path, argvs, patch_code=True)
     assert messages[0] == messages[1]
     for part in ["--batch-size (rank 0: 32, rank 1: 16)", "--epochs (rank 0: 1, rank 1: 2)",
-                 "--lr (rank 0: 0.001, rank 1: 0.002)", "the code (amdim, amdim_kernels, torch)"]:
+                 "--lr (rank 0: 0.001, rank 1: 0.002)", "--log-every (rank 0: 1, rank 1: 2)",
+                 "the code (amdim, amdim_kernels, torch)"]:
         assert part in messages[0], messages[0]
     assert messages[0].startswith("error: the 2 processes must be started with the same options")
     assert not (tmp_path / "run").exists()                  # stopped before anything was created
@@ -163,3 +165,33 @@ def test_ranks_reading_different_data_stop_before_training(tmp_path):
     assert messages[0].startswith("error: the 2 processes must read the same data and checkpoint, but they "
                                   "differ in: the training data (rank 0: "), messages[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_ranks_may_resume_from_per_node_copies_of_the_checkpoint(tmp_path):
+    """Only rank 0 writes --out-dir, so only it checks whether --resume continues the run there: a rank
+    whose --resume is its node's copy of that checkpoint was refused ("already holds a run")."""
+    from amdim import checkpoint, train
+    run = tmp_path / "run"
+    train.run(train.build_parser().parse_args(TRAIN_TINY + ["--out-dir", str(run), "--epochs", "1"]))
+    ck = run / checkpoint.CHECKPOINT
+    copy = tmp_path / "node1" / "copy.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(ck.read_bytes())
+    common = TRAIN_TINY + ["--out-dir", str(run), "--epochs", "2"]
+    assert _spawn_train(tmp_path, [common + ["--resume", str(ck)], common + ["--resume", str(copy)]]) == ["ok", "ok"]
+    assert checkpoint.load(str(ck))["epoch"] == 2
+
+
+def test_the_code_digest_covers_the_cpp_sources(tmp_path, monkeypatch):
+    """Nodes whose C++ kernels differ compute different things: csrc/ is part of the code compared."""
+    import shutil
+
+    from amdim import agreement
+    from amdim_kernels import _extension
+    src = tmp_path / "csrc"
+    shutil.copytree(_extension.source_dir(), src)
+    monkeypatch.setattr(_extension, "source_dir", lambda: str(src))
+    before = agreement.code_digest()
+    with open(src / "nce.cpp", "a") as f:
+        f.write("// another build\n")
+    assert agreement.code_digest() != before

@@ -2,9 +2,11 @@
 replacement that never finishes, an out dir the user made, a lock raced for, a missing package, a
 dataset that changed. In each case the last good checkpoint survives, nothing is left that a later
 command misreads, and the message names what to do."""
+import errno
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -141,6 +143,32 @@ def test_a_replacement_that_stops_before_its_first_checkpoint_restores_the_old_r
     assert (out / "tb" / "events.old").read_text() == "old events" and not (out / run_dir.REPLACED).exists()
 
 
+def test_a_replacement_stopped_by_a_signal_in_its_first_epoch_restores_the_old_run(one_epoch, tmp_path,
+                                                                                    monkeypatch):
+    """Ctrl-C in the first epoch of an --overwrite run: the save at the step boundary would be the new
+    run's first checkpoint and delete the replaced run for a few steps of the new one. Nothing is
+    saved, the old run comes back, and the message gives the command that starts the new run again."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+    real = train.make_step
+
+    def make_step(cfg):
+        step, calls = real(cfg), []
+
+        def interrupted(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(*a, **k)
+        return interrupted
+    monkeypatch.setattr(train, "make_step", make_step)
+    with pytest.raises(train.Stop) as stop:
+        _run(out, "--epochs", "1", "--steps-per-epoch", "4", "--overwrite", "--seed", "4")
+    assert stop.value.code == 128 + signal.SIGINT
+    assert "run it again with: python -m amdim.train" in str(stop.value) and "--overwrite" in str(stop.value)
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+    assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACED).exists()
+
+
 def test_a_replacement_killed_before_its_first_checkpoint_is_undone_by_the_next_run(one_epoch, tmp_path):
     out = _copy_run(one_epoch, tmp_path / "run")
     run_dir.set_aside(str(out), None, True, 0)              # what a killed --overwrite run leaves
@@ -159,6 +187,53 @@ def test_a_finished_replacement_removes_the_old_run(one_epoch, tmp_path):
     assert checkpoint.load(str(out / checkpoint.CHECKPOINT))["args"]["seed"] == 4
     assert [r["global_step"] for r in _lines(out / METRICS)] == [1, 1]    # this run's step and epoch
     assert not (out / "tb").exists() and not (out / run_dir.REPLACED).exists()
+
+
+def test_a_replacement_whose_clean_up_fails_keeps_the_new_run(one_epoch, tmp_path, monkeypatch, capsys):
+    """A replaced run's file that cannot be removed (an NFS .nfsXXXX file of an open TensorBoard event
+    file) leaves .replaced/ behind: the new run, complete, is kept and the leftover named; it was once
+    taken for "no checkpoint written" and both runs were deleted."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+    (out / "tb").mkdir()
+    (out / "tb" / "events.old").write_text("old events")
+    real = os.unlink
+
+    def stubborn(path, *a, **kw):
+        if os.path.basename(path) == "events.old":
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(os, "unlink", stubborn)
+    _run(out, "--epochs", "1", "--steps-per-epoch", "1", "--overwrite", "--seed", "4")
+    err = capsys.readouterr().err
+    assert checkpoint.load(str(out / checkpoint.CHECKPOINT))["args"]["seed"] == 4
+    assert [r["global_step"] for r in _lines(out / METRICS)] == [1, 1]
+    assert "restored" not in err and "could not remove" in err and "events.old" in err, err
+    monkeypatch.undo()                                      # the next run in the directory finishes it
+    _run(out, "--epochs", "2", "--steps-per-epoch", "1", "--seed", "4", "--resume", str(out / checkpoint.CHECKPOINT))
+    assert not (out / run_dir.REPLACED).exists() and checkpoint.load(str(out / checkpoint.CHECKPOINT))["epoch"] == 2
+
+
+@pytest.mark.parametrize("error, stop", [
+    (PermissionError(errno.EPERM, "Operation not permitted"), (SystemExit, "metrics.jsonl: Operation not permitted")),
+    (KeyboardInterrupt(), (KeyboardInterrupt, None)),        # Ctrl-C before the signal handlers
+])
+def test_a_set_aside_that_fails_midway_puts_the_files_back(one_epoch, tmp_path, monkeypatch, error, stop):
+    """A file of the old run that cannot be moved (immutable, EPERM), or Ctrl-C, after the checkpoint
+    was moved: the run stops and the checkpoint is back in place, not hidden in .replacing/."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+    real = os.replace
+
+    def stuck(src, dst, *a, **k):
+        if str(src).endswith(METRICS) and run_dir.REPLACING in str(dst):
+            if isinstance(error, OSError):
+                error.filename = str(src)
+            raise error
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", stuck)
+    with pytest.raises(stop[0], match=stop[1]):
+        _run(out, "--epochs", "1", "--steps-per-epoch", "1", "--overwrite")
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+    assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACING).exists()
 
 
 def test_a_set_aside_killed_midway_is_undone_by_the_next_run(one_epoch, tmp_path):
@@ -266,6 +341,33 @@ def test_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
         assert other.returncode != 0 and "BlockingIOError" in other.stderr   # another process is kept out
     finally:
         run_dir.release(str(out))
+
+
+def test_a_second_run_in_the_same_process_is_refused(tmp_path):
+    """Two train.run calls (threads) on one --out-dir: the second took no lock and both trained into
+    it. It is refused like another process's run, and leaves the holder's lock alone."""
+    import fcntl
+    import threading
+    out = tmp_path / "run"
+    held, done = threading.Event(), threading.Event()
+
+    def holder():   # another thread's run
+        run_dir.prepare(str(out), None, False, 0)
+        held.set()
+        done.wait(60)
+        run_dir.release(str(out))
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        held.wait(60)
+        with pytest.raises(SystemExit, match=f"in use by a running amdim.train .pid {os.getpid()}"):
+            _run(out, "--epochs", "1", "--steps-per-epoch", "1")
+        assert not (out / METRICS).exists()
+        with open(out / ".lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)      # still held
+    finally:
+        done.set()
+        t.join()
 
 
 # -- data ---------------------------------------------------------------------------------------------

@@ -36,6 +36,17 @@ def test_short_dim_training_raises_its_mi_estimate(tmp_path, extra):
     assert ck["arch"]["method"] == "dim" and ck["args"]["estimator"] == args["estimator"]
 
 
+@pytest.mark.parametrize("extra, term", [(["--global-arch", "concat"], "mi_local"),
+                                         (["--dim-preset", "G", "--local-arch", "concat"], "mi_global")])
+def test_the_arch_of_a_term_that_is_off_does_not_stop_the_run(tmp_path, extra, term):
+    """DIM(L) builds no global critic, so --global-arch has nothing to build; the objective demanded
+    it of the model anyway and stopped the first step."""
+    summary, _ = _run(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "1", *extra)
+    assert len(summary["losses"]) == 1
+    with open(tmp_path / "run" / METRICS) as f:
+        assert term in json.loads(f.readline())
+
+
 def test_presets_fill_the_weights_and_explicit_values_win(tmp_path):
     _, args = _run(tmp_path / "l", "--epochs", "1", "--steps-per-epoch", "1")
     assert (args["alpha"], args["beta"], args["gamma"], args["estimator"]) == (0.0, 1.0, 0.1, "jsd")
@@ -75,7 +86,7 @@ def test_evaluate_probes_the_three_dim_representations(tmp_path):
     assert res["layers"]["y"]["feature_dim"] == 16 and res["layer"] == "conv"
     only_y = evaluate.evaluate(ck, "random", layers=["y"])
     assert set(only_y["layers"]) == {"y"}
-    with pytest.raises(ValueError, match="--layer .r1.: not a representation of this model .its are conv, fc, y"):
+    with pytest.raises(ValueError, match="--layer .r1.: not a representation of this model .it has conv, fc, y"):
         evaluate.evaluate(ck, layers=["r1"])
 
 
