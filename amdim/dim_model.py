@@ -36,6 +36,12 @@ def _positive_int(name, v):
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+def check_choice(name, v, choices):
+    """The DIM model's and objective's check of an option with a fixed set of values."""
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+
+
 class _Conv(nn.Sequential):
     """4x4 / stride 2 / pad 1 convolution (halves the map), BatchNorm, ReLU."""
 
@@ -222,12 +228,9 @@ class DIM(nn.Module):
         _positive_int("mi_units", mi_units)
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 0:
             raise ValueError(f"n_classes must be an integer >= 0, got {n_classes!r}")
-        if local_arch not in LOCAL_ARCHS:
-            raise ValueError(f"local_arch must be one of {LOCAL_ARCHS}, got {local_arch!r}")
-        if global_arch not in GLOBAL_ARCHS:
-            raise ValueError(f"global_arch must be one of {GLOBAL_ARCHS}, got {global_arch!r}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        check_choice("local_arch", local_arch, LOCAL_ARCHS)
+        check_choice("global_arch", global_arch, GLOBAL_ARCHS)
+        check_choice("prior", prior, PRIORS)
         for name, v in (("use_global", use_global), ("use_local", use_local), ("use_bn", use_bn)):
             if not isinstance(v, bool):
                 raise ValueError(f"{name} must be a bool, got {v!r}")

@@ -34,7 +34,7 @@ import amdim_kernels as ak
 
 from .config import DIM_PRESETS as PRESETS  # noqa: F401  (DIM(L) and DIM(G) of the DIM paper)
 from .config import DIM_PRIOR_GP
-from .dim_model import GLOBAL_ARCHS, LOCAL_ARCHS, PRIORS
+from .dim_model import GLOBAL_ARCHS, LOCAL_ARCHS, PRIORS, check_choice
 from .distributed import gather_rows, world_info
 
 ESTIMATORS = ("jsd", "nce", "dv")
@@ -78,8 +78,7 @@ def dot_mi(src: torch.Tensor, trg: torch.Tensor, estimator: str, loss_backend: s
     amdim_kernels.fused_nce_loss scores <src, trg> / sqrt(D'); with src scaled by sqrt(D') first its
     score is <sqrt(D') src, trg> / sqrt(D') = <src, trg> exactly (up to rounding), with no change to
     the kernels. Its loss is -I."""
-    if loss_backend not in LOSS_BACKENDS:
-        raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {loss_backend!r}")
+    check_choice("loss_backend", loss_backend, LOSS_BACKENDS)
     backend = "auto" if loss_backend == "fused" else "reference"
     rank, world = world_info()
     b = src.shape[0]
@@ -148,16 +147,11 @@ class DIMObjective:
         self.prior_gp = _real("prior_gp", prior_gp)
         if self.alpha == 0 and self.beta == 0:
             raise ValueError("alpha and beta are both 0: DIM needs a global (alpha) or local (beta) MI term")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if local_arch not in LOCAL_ARCHS:
-            raise ValueError(f"local_arch must be one of {LOCAL_ARCHS}, got {local_arch!r}")
-        if global_arch not in GLOBAL_ARCHS:
-            raise ValueError(f"global_arch must be one of {GLOBAL_ARCHS}, got {global_arch!r}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        if loss_backend not in LOSS_BACKENDS:
-            raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {loss_backend!r}")
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("local_arch", local_arch, LOCAL_ARCHS)
+        check_choice("global_arch", global_arch, GLOBAL_ARCHS)
+        check_choice("prior", prior, PRIORS)
+        check_choice("loss_backend", loss_backend, LOSS_BACKENDS)
         if self.gamma > 0 and prior == "none":
             raise ValueError(f"gamma={gamma!r} > 0 needs a prior to match, got prior='none'")
         if n_shuffles is not None and (isinstance(n_shuffles, bool) or not isinstance(n_shuffles, int)
