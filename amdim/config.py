@@ -179,8 +179,8 @@ DEFAULTS = {
 # lr 2e-4 over 300 epochs) would not show learning within the 10 minutes a demonstration on an idle
 # 2-core CPU should take (docs/shapes.md gives the measurements behind these numbers).
 DATASET_DEFAULTS = {
-    "amdim": {"shapes": dict(epochs=25, lr=2e-3)},
-    "dim": {},
+    "amdim": {"shapes": dict(epochs=10, lr=2e-3)},
+    "dim": {"shapes": dict(epochs=20, lr=1e-3)},
 }
 
 

@@ -1,18 +1,18 @@
 """The built-in "shapes" dataset: procedurally generated 32x32 RGB images of 10 object classes.
 
 Each image holds one filled object (the class) under nuisances that a linear read-out of the pixels
-cannot undo: random size and rotation, random object and background colours (so the object may be
-darker or lighter than its surroundings), a background colour gradient, pixel noise, and a centre
-up to 3 px from the image centre. The class stays obvious to a human (see docs/shapes_samples.png),
-but a linear probe on the raw pixels scores 0.16 (chance: 0.10), one on a colour histogram 0.09 and
-one on a randomly initialised AMDIM encoder (ndf 16) 0.13, while the same encoder trained with the
-labels for 10 epochs reaches 0.73: an encoder has to learn shape to do well.
+cannot undo: random size and rotation, a random polarity (a light object on a dark background or a
+dark one on a light background), pixel noise, and a centre up to 3 px from the image centre. The
+class stays obvious to a human (see docs/shapes_samples.png), but a linear probe on the raw pixels
+scores 0.18 (chance: 0.10), one on a colour histogram 0.20 and one on a randomly initialised AMDIM
+encoder (ndf 16) 0.30: an encoder has to learn shape to do well.
 
-shapes-v2 differs from v1 in two nuisances, both measured (docs/shapes.md): v1 put the object
-anywhere it fitted, and a contrastive encoder learnt to tell images apart by where the object is
-(and by its colours), cues that carry no class, so AMDIM gained 7 points in 30 epochs; v1's clutter
-(strokes and blobs behind the object, a stroke across it) kept even a supervised encoder at 0.35
-within the CPU budget. Both are still available as `Nuisances` fields.
+Each version removed an instance cue that let a contrastive encoder tell images apart without their
+shape (docs/shapes.md has the measurements): shapes-v1 put the object anywhere it fitted (AMDIM
+learnt where it was), and its clutter kept even a supervised encoder at 0.35 within the CPU budget;
+shapes-v2 drew the object and background colours from the whole RGB cube, and Deep InfoMax, which
+sees no augmentation, matched an image's global and local features by those colours and gained
+nothing over its random encoder. The earlier nuisances are still `Nuisances` fields (`V2`).
 
 Images are rendered from signed distance functions with numpy alone (anti-aliased by the
 distance to the edge), in chunks whose random streams are seeded by (VERSION_SEED, split, chunk):
@@ -27,8 +27,8 @@ import numpy as np
 
 # bump both whenever a change alters the generated images: VERSION names the cached arrays,
 # VERSION_SEED starts every random stream
-VERSION = "shapes-v2"
-VERSION_SEED = 2
+VERSION = "shapes-v3"
+VERSION_SEED = 3
 CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "ellipse", "hexagon", "arrow", "heart")
 SIZE = 32
 N_TRAIN, N_TEST = 10000, 2000
@@ -36,6 +36,10 @@ CHUNK = 1000          # images rendered (and seeded) together; part of what VERS
 SPLITS = {"train": 0, "test": 1}
 
 MIN_CONTRAST = 0.45       # RGB distance (channels in [0, 1]) between object and background colours
+# the corners of the RGB cube pulled in to [0.15, 0.85] (pixel noise does not clip): any two are
+# 0.7 or more apart, more than MIN_CONTRAST
+PALETTE = 0.15 + 0.7 * np.array([[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0],
+                                 [0, 1, 1], [1, 0, 1]], np.float64)
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,11 @@ class Nuisances:
     scale_px: tuple[float, float] = (7.0, 12.0)   # object "radius" in pixels (it fits that circle)
     rotation: bool = True                     # uniform in [0, 2 pi), else upright
     colour: bool = True                       # random object / background colours, else white on black
-    gradient: float = 0.25                    # max per-channel change of the background across the image
+    # with colour: the object and background colours are two different entries of PALETTE[:palette]
+    # (since shapes-v3: 2, light on dark or dark on light); None: any RGB colour (shapes-v2)
+    palette: int | None = 2
+    # max per-channel change of the background across the image (shapes-v2: 0.25)
+    gradient: float = 0.0
     # clutter (none by default since shapes-v2: with it even a supervised encoder reached only 0.35
     # at the CPU budget, see the module docstring)
     strokes_behind: int = 0                   # clutter strokes behind the object
@@ -58,6 +66,7 @@ class Nuisances:
 
 
 DEFAULT = Nuisances()
+V2 = Nuisances(palette=None, gradient=0.25)   # the nuisances of shapes-v2 (whose VERSION_SEED was 2)
 EASY = Nuisances(offset_px=0.0, scale_px=(11.0, 11.0), rotation=False, colour=False, gradient=0.0,
                  strokes_behind=0, blobs=0, stroke_in_front=False, noise_std=0.0)
 
@@ -178,7 +187,14 @@ def _render_chunk(labels, rs, size, nz):
     else:
         cx, cy = size / 2 + (2 * u - 1) * nz.offset_px
     theta = rs.uniform(0, 2 * np.pi, n) if nz.rotation else np.zeros(n)
-    if nz.colour:
+    if nz.colour and nz.palette is not None:
+        if not 2 <= nz.palette <= len(PALETTE):
+            raise ValueError(f"palette must be in [2, {len(PALETTE)}] colours, got {nz.palette}")
+        k_bg = rs.randint(0, nz.palette, n)
+        k_obj = (k_bg + rs.randint(1, nz.palette, n)) % nz.palette          # any other entry
+        bg0, obj = PALETTE[k_bg], PALETTE[k_obj]
+        bg1 = np.clip(bg0 + rs.uniform(-nz.gradient, nz.gradient, (n, 3)), 0, 1)
+    elif nz.colour:
         bg0 = rs.uniform(0, 1, (n, 3))
         bg1 = np.clip(bg0 + rs.uniform(-nz.gradient, nz.gradient, (n, 3)), 0, 1)   # gradient end colour
         obj = _contrasting(rs, n, [bg0, bg1], MIN_CONTRAST)
