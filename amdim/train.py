@@ -405,6 +405,23 @@ def begin(run: Run) -> None:
     run.resumed = None
 
 
+def _begin(run: Run) -> None:
+    """begin() on every rank. A failed write there (a full disk while setting a replaced run aside or
+    opening the metrics) is an I/O failure like one mid-run: every rank stops with EXIT_IO before
+    any step, and a run that --overwrite had set aside is put back (run_dir.release)."""
+    error = None
+    try:
+        begin(run)
+    except OSError as e:
+        error = e
+    if agree(error is not None, run.device):
+        why = (f"cannot set up the run's files in {run.cfg.run.out_dir} "
+               f"({': '.join(filter(None, (getattr(error, 'filename', None), error.strerror or str(error))))})"
+               if error is not None else "rank 0 could not set up the run's files (see its message)")
+        raise Stop(EXIT_IO, f"{why}: nothing was trained. Free some space (or fix the directory), then run "
+                            f"the same command again")
+
+
 def wrap_ddp(run: Run) -> None:
     if run.world > 1:
         # BatchNorm over the global batch, so K processes match one process exactly
@@ -646,7 +663,7 @@ def run(args) -> dict:
                       f"above {r.start_epoch})", file=sys.stderr, flush=True)
             together = True
             return {"losses": [], "epochs": [], "checkpoint": r.ck_path, "config": cfg}
-        _collective(where, lambda: begin(r))
+        _begin(r)
         r.replacing = agree(r.replacing, r.device)   # (rank 0's): every rank must take the same path on a signal
         wrap_ddp(r)
         summary = train(r)

@@ -82,6 +82,30 @@ def test_a_full_disk_while_saving_a_checkpoint_exits_4_and_keeps_the_last_one(on
     assert checkpoint.load(str(ck))["epoch"] == 2
 
 
+def test_a_full_disk_while_setting_up_the_run_files_exits_4_and_puts_the_replaced_run_back(one_epoch, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """An OSError in begin() (setting an --overwrite run aside, opening the metrics) stops with EXIT_IO
+    like a full disk mid-run, names the error and trains nothing; the replaced run comes back whole.
+    Through main() the exit code is 4."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "tb"))
+    real = metrics.MetricsLog
+    monkeypatch.setattr(train, "MetricsLog", lambda out_dir, enabled: full() if enabled else real(out_dir, False))
+    with pytest.raises(train.Stop) as stop:
+        _run(out, "--epochs", "1", "--steps-per-epoch", "2", "--overwrite")
+    assert stop.value.code == train.EXIT_IO == 4
+    assert "No space left on device" in str(stop.value) and "nothing was trained" in str(stop.value)
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+    assert (out / METRICS).read_bytes() == one_epoch[2]
+    assert not (out / run_dir.REPLACED).exists() and not (out / run_dir.REPLACING).exists()
+    with pytest.raises(SystemExit) as exited:
+        train.main(TINY + ["--out-dir", str(out), "--epochs", "1", "--steps-per-epoch", "2", "--overwrite"])
+    assert exited.value.code == 4 and "cannot set up the run's files" in capsys.readouterr().err
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+
+
 def test_a_full_disk_while_writing_metrics_leaves_whole_lines(tmp_path):
     """The disk fills mid-line (a short write): the line is cut back, the run stops with EXIT_IO and
     no traceback, and metrics.jsonl holds only whole records."""
