@@ -408,18 +408,26 @@ def begin(run: Run) -> None:
 def _begin(run: Run) -> None:
     """begin() on every rank. A failed write there (a full disk while setting a replaced run aside or
     opening the metrics) is an I/O failure like one mid-run: every rank stops with EXIT_IO before
-    any step, and a run that --overwrite had set aside is put back (run_dir.release)."""
+    any step, and a run that --overwrite had set aside is put back (run_dir.release). A ValueError
+    (a metrics file damaged since set-up) is a set-up error on every rank, as in _collective."""
     error = None
     try:
         begin(run)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         error = e
-    if agree(error is not None, run.device):
-        why = (f"cannot set up the run's files in {run.cfg.run.out_dir} "
-               f"({': '.join(filter(None, (getattr(error, 'filename', None), error.strerror or str(error))))})"
-               if error is not None else "rank 0 could not set up the run's files (see its message)")
-        raise Stop(EXIT_IO, f"{why}: nothing was trained. Free some space (or fix the directory), then run "
-                            f"the same command again")
+    if not agree(error is not None, run.device):
+        return
+    if isinstance(error, ValueError):
+        raise SystemExit(f"error: {error}")
+    cfg = run.cfg
+    again = command(cfg.options(), cfg.run.out_dir, cfg.run.resume) + (" --overwrite" if cfg.run.overwrite else "")
+    if error is None:
+        why = "rank 0 could not set up the run's files (see its message)"
+    else:
+        names = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        why = f"cannot set up the run's files ({names + ': ' if names else ''}{error.strerror or error})"
+    raise Stop(EXIT_IO, f"{why}: nothing was trained. Free some space (or fix the directory), then run it "
+                        f"again with: {again}")
 
 
 def wrap_ddp(run: Run) -> None:

@@ -84,9 +84,10 @@ def test_a_full_disk_while_saving_a_checkpoint_exits_4_and_keeps_the_last_one(on
 
 def test_a_full_disk_while_setting_up_the_run_files_exits_4_and_puts_the_replaced_run_back(one_epoch, tmp_path,
                                                                                             monkeypatch, capsys):
-    """An OSError in begin() (setting an --overwrite run aside, opening the metrics) stops with EXIT_IO
-    like a full disk mid-run, names the error and trains nothing; the replaced run comes back whole.
-    Through main() the exit code is 4."""
+    """An OSError in begin() opening the metrics, after an --overwrite run was set aside, stops with
+    EXIT_IO like a full disk mid-run, names the error and the command to run again, and trains
+    nothing; the replaced run comes back whole. Through main() the exit code is 4. (A set-aside that
+    fails: test_a_set_aside_that_fails_midway_puts_the_files_back.)"""
     out = _copy_run(one_epoch, tmp_path / "run")
 
     def full(*a, **k):
@@ -97,12 +98,26 @@ def test_a_full_disk_while_setting_up_the_run_files_exits_4_and_puts_the_replace
         _run(out, "--epochs", "1", "--steps-per-epoch", "2", "--overwrite")
     assert stop.value.code == train.EXIT_IO == 4
     assert "No space left on device" in str(stop.value) and "nothing was trained" in str(stop.value)
+    assert "run it again with: python -m amdim.train" in str(stop.value) and "--overwrite" in str(stop.value)
     assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
     assert (out / METRICS).read_bytes() == one_epoch[2]
-    assert not (out / run_dir.REPLACED).exists() and not (out / run_dir.REPLACING).exists()
+    assert not (out / run_dir.REPLACED).exists()
     with pytest.raises(SystemExit) as exited:
         train.main(TINY + ["--out-dir", str(out), "--epochs", "1", "--steps-per-epoch", "2", "--overwrite"])
     assert exited.value.code == 4 and "cannot set up the run's files" in capsys.readouterr().err
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
+
+
+def test_a_metrics_file_damaged_before_begin_is_a_set_up_error(one_epoch, tmp_path, monkeypatch):
+    """A ValueError in begin() (the metrics read back on resume are malformed) stays what it was when
+    begin() ran under _collective: `error: ...` (SystemExit), agreed by every rank, no traceback."""
+    out = _copy_run(one_epoch, tmp_path / "run")
+
+    def damaged(self, global_step):
+        raise ValueError(f"{self.path}: line 2 is not a metrics record")
+    monkeypatch.setattr(metrics.MetricsLog, "truncate_after", damaged)
+    with pytest.raises(SystemExit, match="error: .*line 2 is not a metrics record"):
+        _run(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume", str(out / checkpoint.CHECKPOINT))
     assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
 
 
@@ -238,7 +253,8 @@ def test_a_replacement_whose_clean_up_fails_keeps_the_new_run(one_epoch, tmp_pat
 
 
 @pytest.mark.parametrize("error, stop", [
-    (PermissionError(errno.EPERM, "Operation not permitted"), (SystemExit, "metrics.jsonl: Operation not permitted")),
+    # an I/O failure before any step: EXIT_IO, as a full disk later (its message names the file)
+    (PermissionError(errno.EPERM, "Operation not permitted"), (train.Stop, "metrics.jsonl: Operation not permitted")),
     (KeyboardInterrupt(), (KeyboardInterrupt, None)),        # Ctrl-C before the signal handlers
 ])
 def test_a_set_aside_that_fails_midway_puts_the_files_back(one_epoch, tmp_path, monkeypatch, error, stop):
@@ -254,8 +270,10 @@ def test_a_set_aside_that_fails_midway_puts_the_files_back(one_epoch, tmp_path, 
             raise error
         return real(src, dst, *a, **k)
     monkeypatch.setattr(os, "replace", stuck)
-    with pytest.raises(stop[0], match=stop[1]):
+    with pytest.raises(stop[0], match=stop[1]) as stopped:
         _run(out, "--epochs", "1", "--steps-per-epoch", "1", "--overwrite")
+    if stop[0] is train.Stop:
+        assert stopped.value.code == train.EXIT_IO and "run it again with: python -m amdim.train" in str(stopped.value)
     assert (out / checkpoint.CHECKPOINT).read_bytes() == one_epoch[1]
     assert (out / METRICS).read_bytes() == one_epoch[2] and not (out / run_dir.REPLACING).exists()
 
