@@ -4,8 +4,8 @@ Each image holds one filled object (the class) under nuisances that a linear rea
 cannot undo: random size and rotation, a random polarity (a light object on a dark background or a
 dark one on a light background), pixel noise, and a centre up to 3 px from the image centre. The
 class stays obvious to a human (see docs/shapes_samples.png), but a linear probe on the raw pixels
-scores 0.18 (chance: 0.10), one on a colour histogram 0.20 and one on a randomly initialised AMDIM
-encoder (ndf 16) 0.30: an encoder has to learn shape to do well.
+scores 0.18 (chance: 0.10), one on a colour histogram 0.19 and one on a randomly initialised AMDIM
+encoder (ndf 16) 0.29: an encoder has to learn shape to do well.
 
 Each version removed an instance cue that let a contrastive encoder tell images apart without their
 shape (docs/shapes.md has the measurements): shapes-v1 put the object anywhere it fitted (AMDIM
@@ -36,8 +36,8 @@ CHUNK = 1000          # images rendered (and seeded) together; part of what VERS
 SPLITS = {"train": 0, "test": 1}
 
 MIN_CONTRAST = 0.45       # RGB distance (channels in [0, 1]) between object and background colours
-# the corners of the RGB cube pulled in to [0.15, 0.85] (pixel noise does not clip): any two are
-# 0.7 or more apart, more than MIN_CONTRAST
+# the corners of the RGB cube pulled in to [0.15, 0.85] (pixel noise, 3.75 standard deviations
+# away, rarely clips): any two are 0.7 or more apart, more than MIN_CONTRAST
 PALETTE = 0.15 + 0.7 * np.array([[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0],
                                  [0, 1, 1], [1, 0, 1]], np.float64)
 
@@ -51,7 +51,7 @@ class Nuisances:
     offset_px: float | None = 3.0
     scale_px: tuple[float, float] = (7.0, 12.0)   # object "radius" in pixels (it fits that circle)
     rotation: bool = True                     # uniform in [0, 2 pi), else upright
-    colour: bool = True                       # random object / background colours, else white on black
+    colour: bool = True                       # object / background colours as `palette` says, else white on black
     # with colour: the object and background colours are two different entries of PALETTE[:palette]
     # (since shapes-v3: 2, light on dark or dark on light); None: any RGB colour (shapes-v2)
     palette: int | None = 2
@@ -64,9 +64,18 @@ class Nuisances:
     stroke_in_front: bool = False             # one thin stroke across the object
     noise_std: float = 0.04                   # Gaussian pixel noise (pixel values in [0, 1])
 
+    def __post_init__(self):
+        p = self.palette
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, np.integer))
+                              or not 2 <= p <= len(PALETTE)):
+            raise ValueError(f"Nuisances.palette must be None or an integer number of colours in "
+                             f"[2, {len(PALETTE)}], got {p!r}")
+
 
 DEFAULT = Nuisances()
-V2 = Nuisances(palette=None, gradient=0.25)   # the nuisances of shapes-v2 (whose VERSION_SEED was 2)
+# the nuisances of shapes-v2: generate(..., nuisances=V2, seed=V2_SEED) gives its images
+V2 = Nuisances(palette=None, gradient=0.25)
+V2_SEED = 2
 EASY = Nuisances(offset_px=0.0, scale_px=(11.0, 11.0), rotation=False, colour=False, gradient=0.0,
                  strokes_behind=0, blobs=0, stroke_in_front=False, noise_std=0.0)
 
@@ -188,8 +197,6 @@ def _render_chunk(labels, rs, size, nz):
         cx, cy = size / 2 + (2 * u - 1) * nz.offset_px
     theta = rs.uniform(0, 2 * np.pi, n) if nz.rotation else np.zeros(n)
     if nz.colour and nz.palette is not None:
-        if not 2 <= nz.palette <= len(PALETTE):
-            raise ValueError(f"palette must be in [2, {len(PALETTE)}] colours, got {nz.palette}")
         k_bg = rs.randint(0, nz.palette, n)
         k_obj = (k_bg + rs.randint(1, nz.palette, n)) % nz.palette          # any other entry
         bg0, obj = PALETTE[k_bg], PALETTE[k_obj]
@@ -243,10 +250,12 @@ def _render_chunk(labels, rs, size, nz):
 
 
 def generate(split: str, n: int | None = None, size: int = SIZE,
-             nuisances: Nuisances = DEFAULT) -> tuple[np.ndarray, np.ndarray]:
+             nuisances: Nuisances = DEFAULT, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The `split` ("train" or "test") images (n, 3, size, size) uint8 and labels (n,) int64.
+    `seed`: the first number of every random stream (None: VERSION_SEED; an earlier version's
+    seed with its nuisances gives that version's images, e.g. V2 and V2_SEED).
 
-    Deterministic: chunk j of a split is drawn from RandomState([VERSION_SEED, split id, j]), so the
+    Deterministic: chunk j of a split is drawn from RandomState([seed, split id, j]), so the
     first k images of a split do not depend on n. Classes are balanced within each chunk.
     """
     if split not in SPLITS:
@@ -257,7 +266,7 @@ def generate(split: str, n: int | None = None, size: int = SIZE,
     images = np.empty((n, 3, size, size), np.uint8)
     labels = np.empty(n, np.int64)
     for j, start in enumerate(range(0, n, CHUNK)):
-        rs = np.random.RandomState([VERSION_SEED, SPLITS[split], j])
+        rs = np.random.RandomState([VERSION_SEED if seed is None else seed, SPLITS[split], j])
         m = min(CHUNK, n - start)
         # a partial last chunk is rendered whole and cut, so it draws the same stream as a full one
         lab = rs.permutation(np.arange(CHUNK) % len(CLASSES))
