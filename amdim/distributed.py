@@ -26,6 +26,28 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, local_rank
 
 
+def leave_together(timeout_s: float = 60.0) -> None:
+    """Every rank reaches this, then the process group is destroyed. gloo can abort a process
+    ("terminate called without an active exception") when a peer destroys its group while this
+    rank's last collective is still completing, which a barrier alone does not exclude (the barrier
+    is such a collective). So after the barrier each rank counts itself out in the store and waits,
+    outside gloo, until all have; only then is the group torn down. If rank 0's store is gone by the
+    time a peer polls it, rank 0 had counted every rank out already."""
+    import time
+    dist.barrier()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        world = dist.get_world_size()
+        deadline = time.monotonic() + timeout_s
+        n = store.add("amdim/left", 1)
+        while n < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+            n = store.add("amdim/left", 0)
+    except (RuntimeError, AttributeError):   # the store's server has gone, or no such private API
+        pass
+    dist.destroy_process_group()
+
+
 def pick_device(spec: str, local_rank: int = 0, option: str = "--device") -> torch.device:
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N; ValueError naming `option` otherwise."""
     if spec == "auto":

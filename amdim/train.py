@@ -33,7 +33,7 @@ from .amdim_objective import COSTS, parse_costs
 from .config import (DIM_PRESETS, ESTIMATORS, LOSS_BACKENDS, METHODS, Config, seed_arg, argv as config_argv,
                      default_text, resolve)
 from .data import augment, datasets as data
-from .distributed import agree, convert_batchnorm, init_distributed, pick_device
+from .distributed import agree, convert_batchnorm, init_distributed, leave_together, pick_device
 from .evaluate import image_batches
 from .methods import make_step
 from .recipes import RECIPES
@@ -691,10 +691,9 @@ def run(args) -> dict:
             run_dir.release(out_dir)
         if world > 1:
             if together:
-                # tearing gloo down while a peer still finishes its last collective can abort the
-                # process ("terminate called without an active exception"): leave together
-                dist.barrier()
-            dist.destroy_process_group()
+                leave_together()   # gloo can abort a process torn down while a peer finishes
+            else:
+                dist.destroy_process_group()
 
 
 def main(argv=None):
