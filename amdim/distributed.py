@@ -8,6 +8,7 @@ parameter gradients are those of the mean loss over the global batch.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -33,7 +34,6 @@ def leave_together(timeout_s: float = 60.0) -> None:
     is such a collective). So after the barrier each rank counts itself out in the store and waits,
     outside gloo, until all have; only then is the group torn down. If rank 0's store is gone by the
     time a peer polls it, rank 0 had counted every rank out already."""
-    import time
     dist.barrier()
     try:
         store = dist.distributed_c10d._get_default_store()

@@ -27,13 +27,12 @@ def main():
     spec, out, rest = json.loads(sys.argv[1]), sys.argv[2], sys.argv[4:]
     seed = spec.pop("_seed", 2)
     nz = dataclasses.replace(shapes.DEFAULT, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
-    shapes.VERSION = "variant-" + json.dumps({**spec, "_seed": seed}, sort_keys=True)
-    shapes.VERSION_SEED = seed
-    shapes.generate.__defaults__ = (None, shapes.SIZE, nz, None)
+    shapes.VERSION = "variant-" + json.dumps({**spec, "_seed": seed}, sort_keys=True)   # the cache's key
+    real = shapes.generate   # shapes_arrays() calls generate(split): give it the variant's nuisances and seed
+    shapes.generate = lambda split, n=None, size=shapes.SIZE: real(split, n, size, nuisances=nz, seed=seed)
     from amdim import evaluate, train
     t0 = time.time()
-    probe_only = "--probe-only" in rest
-    if not probe_only:
+    if "--probe-only" not in rest:
         train.main(["--dataset", "shapes", "--out-dir", out, "--overwrite", "--no-progress", "--no-eval", *rest])
     res = {"seed": seed, "spec": spec, "args": rest, "train_s": round(time.time() - t0, 1)}
     for features in ("trained", "random", "pixels"):
